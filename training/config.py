@@ -1,0 +1,116 @@
+"""Frozen configuration records. Only ``cli.py`` parses argv; every checkpoint stores these.
+
+Field names mirror the authors' options (ngf, lambda_NCE -> lambda_nce, nce_T -> nce_t, ...)
+so their users recognise them; quirks of the authors' code that we keep are named here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+ModelName = Literal["dcl", "simdcl"]
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Networks and loss weights (spec sections 1.2, 8, 9)."""
+
+    model: ModelName = "dcl"
+    input_nc: int = 3
+    output_nc: int = 3
+    ngf: int = 64
+    ndf: int = 64
+    n_blocks: int = 9
+    n_layers_d: int = 3
+    netf_nc: int = 256
+    nce_layers: tuple[int, ...] = (4, 8, 12, 16)
+    num_patches: int = 256
+    nce_t: float = 0.07
+    gan_mode: Literal["hinge", "lsgan"] = "hinge"
+    lambda_gan: float = 1.0
+    # DCL only: SimDCL's code never applies lambda_NCE or an identity weight (spec 9.3).
+    lambda_nce: float = 2.0
+    lambda_idt: float = 1.0
+    lambda_sim: float = 10.0  # SimDCL only
+
+    def __post_init__(self) -> None:
+        if list(self.nce_layers) != sorted(self.nce_layers):
+            raise ValueError("nce_layers must be ascending")
+        if self.model == "simdcl" and (self.num_patches != 256 or self.netf_nc != 256):
+            raise ValueError("SimDCL's similarity heads need num_patches=256 and netf_nc=256 (spec 9.1)")
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """Adam for G and D; the projection heads' optimiser differs per model (spec 1.3).
+
+    ``head_lr``/``head_betas`` of None mean the authors' behaviour: DCL builds the heads'
+    Adam with PyTorch defaults (1e-3, (0.9, 0.999)), SimDCL with ``lr`` and the G/D betas.
+    """
+
+    lr: float = 2e-4
+    beta1: float = 0.5
+    beta2: float = 0.999
+    head_lr: float | None = None
+    head_betas: tuple[float, float] | None = None
+
+    def head_hparams(self, model: ModelName) -> tuple[float, tuple[float, float]]:
+        default = (1e-3, (0.9, 0.999)) if model == "dcl" else (self.lr, (self.beta1, self.beta2))
+        return (
+            self.head_lr if self.head_lr is not None else default[0],
+            self.head_betas if self.head_betas is not None else default[1],
+        )
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataroot: str = ""
+    load_size: int = 286
+    crop_size: int = 256
+    no_flip: bool = False
+    max_dataset_size: int | None = None
+    num_workers: int = 2
+    batch_size: int = 1
+
+    def __post_init__(self) -> None:
+        if self.crop_size % 4 or self.crop_size < 8:
+            raise ValueError("crop_size must be a multiple of 4 and at least 8 (the generator's contract)")
+        if self.load_size < self.crop_size:
+            raise ValueError("load_size must be >= crop_size")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    name: str = "experiment"
+    checkpoints_dir: str = "checkpoints"
+    n_epochs: int = 200
+    n_epochs_decay: int = 200
+    epoch_count: int = 1
+    max_iters: int | None = None  # stop early (benchmarks, smoke runs)
+    seed: int = 0
+    amp: Literal["none", "bf16"] = "none"
+    threads: int | None = None
+    device: str = "auto"
+    save_latest_freq: int = 5000
+    save_epoch_freq: int = 50
+    print_freq: int = 1
+    sample_freq: int = 400
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> TrainConfig:
+        raw = dict(raw)
+        model = dict(raw.pop("model"))
+        model["nce_layers"] = tuple(model["nce_layers"])
+        optim = dict(raw.pop("optim"))
+        if optim.get("head_betas") is not None:
+            optim["head_betas"] = tuple(optim["head_betas"])
+        return cls(
+            model=ModelConfig(**model), optim=OptimConfig(**optim), data=DataConfig(**raw.pop("data")), **raw
+        )
