@@ -94,7 +94,7 @@ class TrainConfig:
     device: str = "auto"
     save_latest_freq: int = 5000
     save_epoch_freq: int = 50
-    print_freq: int = 1
+    print_freq: int = 10
     sample_freq: int = 400
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)

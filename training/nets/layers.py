@@ -17,6 +17,16 @@ def _binomial_kernel(taps: list[float]) -> torch.Tensor:
     return kernel / kernel.sum()
 
 
+def _full_precision(x: torch.Tensor) -> torch.autocast:
+    """Blur in fp32 even under bf16 autocast.
+
+    On CPU, torch 2.13 has no oneDNN kernel for bf16 depthwise (grouped) convs and runs them
+    group by group through the slow reference path: one training step went from 2.7 s to 67 s.
+    The blur is a tiny fraction of the FLOPs, so fp32 costs nothing and keeps the filter exact.
+    """
+    return torch.autocast(device_type=x.device.type, enabled=False)
+
+
 class Downsample(nn.Module):
     """Blur then subsample by 2: reflect-pad 1, depthwise 3x3 [1,2,1]^2/16, stride 2.
 
@@ -30,7 +40,8 @@ class Downsample(nn.Module):
         self.register_buffer("filt", _binomial_kernel([1.0, 2.0, 1.0])[None, None].repeat(channels, 1, 1, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(self.pad(x), self.filt, stride=2, groups=self.channels)
+        with _full_precision(x):
+            return F.conv2d(self.pad(x.float()), self.filt, stride=2, groups=self.channels)
 
 
 class Upsample(nn.Module):
@@ -49,7 +60,8 @@ class Upsample(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.conv_transpose2d(self.pad(x), self.filt, stride=2, padding=2, groups=self.channels)
+        with _full_precision(x):
+            out = F.conv_transpose2d(self.pad(x.float()), self.filt, stride=2, padding=2, groups=self.channels)
         # The transposed conv yields 2n+2; the even filter needs one row/column dropped on each side.
         return out[:, :, 1:-1, 1:-1]
 

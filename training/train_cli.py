@@ -1,0 +1,102 @@
+"""``dclgan train``: command-line options (named like the authors', with hyphens) -> TrainConfig."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from dataclasses import fields
+
+from training.config import DataConfig, ModelConfig, OptimConfig, TrainConfig
+from training.data import DataError
+
+log = logging.getLogger(__name__)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dclgan train", description="Train DCLGAN (dcl) or SimDCL (simdcl).")
+    p.add_argument("--dataroot", required=True, help="folder with trainA/ and trainB/")
+    p.add_argument("--name", default="experiment", help="run name: checkpoints go to CHECKPOINTS_DIR/NAME")
+    p.add_argument("--checkpoints-dir", default="checkpoints")
+    p.add_argument("--model", choices=["dcl", "simdcl"], default="dcl")
+    p.add_argument("--resume", action="store_true", help="continue from CHECKPOINTS_DIR/NAME/latest.pt")
+    m, o, d, t = (p.add_argument_group(g) for g in ("networks and losses", "optimiser", "data", "run"))
+    m.add_argument("--ngf", type=int, default=64)
+    m.add_argument("--ndf", type=int, default=64)
+    m.add_argument("--n-blocks", type=int, default=9, help="residual blocks (resnet_9blocks = 9)")
+    m.add_argument("--netF-nc", dest="netf_nc", type=int, default=256)
+    m.add_argument("--nce-layers", default="4,8,12,16")
+    m.add_argument("--num-patches", type=int, default=256)
+    m.add_argument("--nce-T", dest="nce_t", type=float, default=0.07)
+    m.add_argument("--gan-mode", choices=["hinge", "lsgan"], default="hinge")
+    m.add_argument("--lambda-GAN", dest="lambda_gan", type=float, default=1.0)
+    m.add_argument("--lambda-NCE", dest="lambda_nce", type=float, default=2.0)
+    m.add_argument("--lambda-IDT", dest="lambda_idt", type=float, default=1.0)
+    m.add_argument("--lambda-SIM", dest="lambda_sim", type=float, default=10.0)
+    o.add_argument("--lr", type=float, default=2e-4)
+    o.add_argument("--beta1", type=float, default=0.5)
+    o.add_argument("--beta2", type=float, default=0.999)
+    o.add_argument("--head-lr", type=float, default=None, help="default: the authors' (DCL 1e-3, SimDCL --lr)")
+    d.add_argument("--load-size", type=int, default=286)
+    d.add_argument("--crop-size", type=int, default=256)
+    d.add_argument("--no-flip", action="store_true")
+    d.add_argument("--max-dataset-size", type=int, default=None)
+    d.add_argument("--batch-size", type=int, default=1)
+    d.add_argument("--num-workers", type=int, default=2, help="DataLoader worker processes")
+    t.add_argument("--n-epochs", type=int, default=200, help="epochs at the full learning rate")
+    t.add_argument("--n-epochs-decay", type=int, default=200, help="epochs of linear decay to ~0")
+    t.add_argument("--epoch-count", type=int, default=1)
+    t.add_argument("--max-iters", type=int, default=None, help="stop after this many iterations")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--amp", choices=["none", "bf16"], default="none", help="bf16 autocast (GPUs, CPUs with AMX)")
+    t.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    t.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    t.add_argument("--save-latest-freq", type=int, default=5000, help="iterations between latest.pt saves")
+    t.add_argument("--save-epoch-freq", type=int, default=50)
+    t.add_argument("--print-freq", type=int, default=10, help="iterations between progress-bar loss updates")
+    t.add_argument("--sample-freq", type=int, default=400, help="iterations between sample grids")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    raw = vars(args)
+
+    def pick(cls, **extra):
+        return cls(**{f.name: raw[f.name] for f in fields(cls) if f.name in raw and f.name not in extra}, **extra)
+
+    model = pick(ModelConfig, nce_layers=tuple(int(x) for x in args.nce_layers.split(",")))
+    return TrainConfig(
+        name=args.name,
+        checkpoints_dir=args.checkpoints_dir,
+        n_epochs=args.n_epochs,
+        n_epochs_decay=args.n_epochs_decay,
+        epoch_count=args.epoch_count,
+        max_iters=args.max_iters,
+        seed=args.seed,
+        amp=args.amp,
+        threads=args.threads,
+        device=args.device,
+        save_latest_freq=args.save_latest_freq,
+        save_epoch_freq=args.save_epoch_freq,
+        print_freq=args.print_freq,
+        sample_freq=args.sample_freq,
+        model=model,
+        optim=pick(OptimConfig),
+        data=pick(DataConfig),
+    )
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    from training.trainer import Trainer  # imports torch
+
+    try:
+        cfg = config_from_args(args)
+        trainer = Trainer(cfg, resume=args.resume)
+    except (DataError, ValueError, FileNotFoundError) as exc:
+        log.error("%s", exc)
+        return 2
+    trainer.fit()
+    log.info("checkpoints in %s", trainer.run_dir)
+    return 0
