@@ -1,0 +1,210 @@
+"""Image pre- and post-processing shared by ``dclgan translate`` and the HTTP service: pure functions.
+
+decode (bytes -> RGB ``PIL.Image``) -> :func:`to_input` (resize policy, normalise to [-1, 1], reflect-pad
+to the network's size multiple) -> the network -> :func:`from_output` (crop the padding, denormalise with
+rounding, resize back) -> :func:`encode_image`. The output always has exactly the input's width and height.
+
+Exception tree (all raised by :func:`decode_image`)::
+
+    ImageError
+     +-- UnsupportedImage   not an image, or a format/mode we do not accept
+     +-- CorruptImage       recognised but undecodable (truncated, broken data)
+     +-- ImageTooLarge      more pixels than allowed (decompression-bomb guard)
+
+Must not import onnxruntime, fastapi, torch or ``training``.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+OutputFormat = Literal["png", "jpeg", "webp"]
+MEDIA_TYPES: dict[OutputFormat, str] = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
+
+# Only formats we mean to accept. Restricting Image.open keeps Pillow away from plug-ins with a history of
+# problems on untrusted input (EPS shells out to Ghostscript). JPEG includes the MPO files of many phones.
+ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF")
+
+_WHITE = (255, 255, 255, 255)
+_HIGH_DEPTH_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+
+
+class ImageError(ValueError):
+    """An uploaded or on-disk image that cannot be translated."""
+
+
+class UnsupportedImage(ImageError):
+    """Not an image, or a format we do not accept."""
+
+
+class CorruptImage(ImageError):
+    """A recognised image whose data cannot be decoded (e.g. a truncated JPEG)."""
+
+
+class ImageTooLarge(ImageError):
+    """More pixels than the configured limit."""
+
+
+def decode_image(data: bytes, *, max_pixels: int) -> Image.Image:
+    """Decode untrusted bytes into an RGB image with EXIF orientation applied.
+
+    The pixel count is checked from the header, before any pixel data is decoded. Pillow's own
+    bomb guard (``Image.MAX_IMAGE_PIXELS``, process-global) may fire first for huge images; it is
+    mapped to ``ImageTooLarge`` too. Truncated files raise ``CorruptImage`` rather than coming out
+    half grey, as long as ``ImageFile.LOAD_TRUNCATED_IMAGES`` stays False (its default).
+
+    Args:
+        data: the encoded file.
+        max_pixels: largest accepted width * height (after decoding, before any resize).
+
+    Raises:
+        UnsupportedImage, CorruptImage, ImageTooLarge.
+    """
+    try:
+        img = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
+    except UnidentifiedImageError as exc:
+        raise UnsupportedImage(f"not a supported image (accepted: {', '.join(ACCEPTED_FORMATS)})") from exc
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageTooLarge(str(exc)) from exc
+    width, height = img.size
+    if width * height > max_pixels:
+        raise ImageTooLarge(f"image is {width}x{height} = {width * height} pixels; the limit is {max_pixels}")
+    try:
+        img.load()
+        ImageOps.exif_transpose(img, in_place=True)
+    # Pillow's decoders signal malformed data with an open-ended set of types (OSError, ValueError,
+    # SyntaxError, struct.error, zlib.error, ...); for untrusted input every one of them means "corrupt".
+    except Exception as exc:
+        raise CorruptImage(f"cannot decode {img.format} image: {exc}") from exc
+    return to_rgb(img)
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Convert any Pillow mode to 8-bit RGB.
+
+    Transparency (alpha channels, palette or colour-key transparency) is composited on white, as a
+    viewer would show it. 16-bit and 32-bit integer data are scaled from 0..65535, not clipped; ``I``
+    and ``F`` images whose values fit 0..255 (Pillow's convention for images converted from 8-bit)
+    are kept as they are.
+    """
+    if img.mode == "RGB":
+        return img
+    if img.mode in _HIGH_DEPTH_MODES:
+        return _high_depth_to_rgb(img)
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
+        rgba = img.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", img.size, _WHITE), rgba).convert("RGB")
+    try:
+        return img.convert("RGB")
+    except ValueError as exc:
+        raise UnsupportedImage(f"cannot convert image mode {img.mode} to RGB") from exc
+
+
+def _high_depth_to_rgb(img: Image.Image) -> Image.Image:
+    values = np.asarray(img, dtype=np.float64)
+    peak = float(values.max(initial=0.0))
+    if img.mode.startswith("I;16") or peak > 255.0:
+        values = values / 257.0  # 65535 -> 255
+    gray = np.rint(np.clip(values, 0.0, 255.0)).astype(np.uint8)
+    return Image.fromarray(np.repeat(gray[..., None], 3, axis=2))
+
+
+def working_size(width: int, height: int, *, max_side: int | None) -> tuple[int, int]:
+    """The size the network runs at: downscaled, aspect kept, so that the longer side is at most
+    ``max_side``; never upscaled. ``None`` keeps the size."""
+    if max_side is None or max(width, height) <= max_side:
+        return width, height
+    if max_side < 1:
+        raise ValueError(f"max_side must be >= 1, got {max_side}")
+    scale = max_side / max(width, height)
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """One image ready for the network, plus what :func:`from_output` needs to undo the preparation.
+
+    Attributes:
+        array: (3, H, W) float32 in [-1, 1]; H and W are multiples of the model's ``multiple_of``, so
+            the service can batch images whose ``array.shape`` is equal.
+        orig_size: (width, height) of the decoded image, the size of the final output.
+        work_size: (width, height) after the resize policy, before padding.
+        pad: (bottom, right) rows and columns of reflect padding added.
+    """
+
+    array: np.ndarray
+    orig_size: tuple[int, int]
+    work_size: tuple[int, int]
+    pad: tuple[int, int]
+
+
+def _padded(n: int, multiple_of: int, min_size: int) -> int:
+    return max(-(-n // multiple_of), -(-min_size // multiple_of)) * multiple_of
+
+
+def to_input(
+    img: Image.Image, *, max_side: int | None = None, multiple_of: int = 4, min_size: int = 8
+) -> Prepared:
+    """Resize (policy: :func:`working_size`), normalise to [-1, 1] and reflect-pad an RGB image.
+
+    Padding goes on the bottom and right, up to a multiple of ``multiple_of`` and at least
+    ``min_size``. Reflect (not zero) padding keeps the added border looking like image content,
+    which matters because InstanceNorm statistics cover the whole padded image. numpy's "reflect"
+    mode reflects repeatedly when the pad exceeds the image (e.g. 5x7 -> 8x8, or 1x1), so tiny
+    images need no special case.
+    """
+    if img.mode != "RGB":
+        raise ValueError(f"expected an RGB image, got mode {img.mode}; decode with decode_image/to_rgb")
+    orig = img.size
+    work = working_size(*orig, max_side=max_side)
+    if work != orig:
+        img = img.resize(work, Image.Resampling.LANCZOS)
+    width, height = work
+    pad = (_padded(height, multiple_of, min_size) - height, _padded(width, multiple_of, min_size) - width)
+    chw = np.asarray(img, dtype=np.float32).transpose(2, 0, 1) / np.float32(127.5) - np.float32(1.0)
+    array = np.pad(chw, ((0, 0), (0, pad[0]), (0, pad[1])), mode="reflect")
+    return Prepared(array=np.ascontiguousarray(array), orig_size=orig, work_size=work, pad=pad)
+
+
+def from_output(array: np.ndarray, prepared: Prepared) -> Image.Image:
+    """Turn the network's output for ``prepared`` back into an image of the original size.
+
+    Crops the padding, maps [-1, 1] to 0..255 with **rounding** (the authors' ``test.py`` truncates,
+    which darkens every pixel by half a level on average), and resizes back if the resize policy
+    shrank the input.
+
+    Args:
+        array: (3, H, W) float32 in [-1, 1], the same shape as ``prepared.array``.
+        prepared: what :func:`to_input` returned for this image.
+
+    Raises:
+        ValueError: wrong shape or non-finite values (a broken model must not produce a silent image).
+    """
+    if array.shape != prepared.array.shape:
+        raise ValueError(f"output shape {array.shape} differs from input shape {prepared.array.shape}")
+    width, height = prepared.work_size
+    cropped = array[:, :height, :width]
+    if not np.isfinite(cropped).all():
+        raise ValueError("model output contains NaN or infinity")
+    pixels = np.rint(np.clip((cropped + 1.0) * 127.5, 0.0, 255.0)).astype(np.uint8)
+    img = Image.fromarray(np.ascontiguousarray(pixels.transpose(1, 2, 0)))
+    if prepared.work_size != prepared.orig_size:
+        img = img.resize(prepared.orig_size, Image.Resampling.LANCZOS)
+    return img
+
+
+def encode_image(img: Image.Image, fmt: OutputFormat = "png", *, quality: int = 95) -> bytes:
+    """Encode an RGB image; ``quality`` (1-100) applies to JPEG and WebP only."""
+    if fmt not in MEDIA_TYPES:
+        raise ValueError(f"unknown output format {fmt!r}; expected one of {', '.join(MEDIA_TYPES)}")
+    buf = io.BytesIO()
+    if fmt == "png":
+        img.save(buf, format="PNG")
+    else:
+        img.save(buf, format=fmt.upper(), quality=quality)
+    return buf.getvalue()

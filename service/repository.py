@@ -1,0 +1,277 @@
+"""The model repository: the ``model.json`` contract, loading, SHA-256 verification, atomic writes.
+
+A repository is a folder of model folders, ``<root>/<name>/model.json`` plus one ONNX file per
+direction (and optionally a float16 variant of each). The service consumes these folders, so it owns
+the schema; the exporter in ``training/`` imports the models below to write them. This module must
+not import fastapi, torch or ``training``.
+
+Every write goes through :func:`atomic_write_bytes`, so a reader (a server starting up, a second
+export) never sees a half-written ONNX file or ``model.json``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Annotated, Literal, Self
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+logger = logging.getLogger(__name__)
+
+SCHEMA_VERSION: Literal[1] = 1
+MODEL_JSON = "model.json"
+NAME_PATTERN = r"^[a-z0-9_-]+$"
+
+Name = Annotated[str, Field(pattern=NAME_PATTERN, max_length=64)]
+Variant = Literal["float32", "float16"]
+
+
+class ModelRepositoryError(Exception):
+    """A model folder that cannot be used: bad JSON, schema error, missing or tampered file."""
+
+
+class _Frozen(BaseModel):
+    # extra="forbid" so a typo in a hand-edited model.json is an error, not a silently ignored field.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class OnnxFile(_Frozen):
+    """One ONNX file of a direction, relative to the model folder, with its expected digest."""
+
+    path: str
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+    @field_validator("path")
+    @classmethod
+    def _plain_file_name(cls, value: str) -> str:
+        # Only a bare file name: a path like "../x.onnx" must not let a model.json reach outside its folder.
+        if not value or PurePosixPath(value).name != value or value in {".", ".."} or "\\" in value:
+            raise ValueError(f"must be a plain file name inside the model folder, got {value!r}")
+        return value
+
+
+class DirectionSpec(_Frozen):
+    """One translation direction, e.g. ``horse2zebra``: source and target domain, generator, files."""
+
+    name: Name
+    source: str
+    target: str
+    generator: str = Field(min_length=1, description="training-side generator name, e.g. G_A")
+    files: dict[Variant, OnnxFile]
+
+    @field_validator("files")
+    @classmethod
+    def _float32_required(cls, value: dict[Variant, OnnxFile]) -> dict[Variant, OnnxFile]:
+        # float32 is the reference every runtime can execute; float16 is an optional GPU extra.
+        if "float32" not in value:
+            raise ValueError("a float32 file is required")
+        return value
+
+
+class InputContract(_Frozen):
+    """What every ONNX file of the model accepts and returns (the same for both directions)."""
+
+    layout: Literal["NCHW"] = "NCHW"
+    dtype: Literal["float32"] = "float32"
+    value_range: tuple[float, float] = (-1.0, 1.0)
+    channels: Literal[3] = 3
+    input_name: str = "image"
+    output_name: str = "translated"
+    dynamic_axes: tuple[str, ...] = ("batch", "height", "width")
+    multiple_of: int = Field(default=4, ge=1, description="H and W must be multiples of this")
+    min_size: int = Field(default=8, ge=1, description="smallest H and W the network accepts")
+    native_size: int = Field(default=256, ge=1, description="training resolution")
+
+
+class Provenance(_Frozen):
+    """Where the weights come from: architecture, data, training length and licence."""
+
+    model_type: str = Field(min_length=1, description="dcl or simdcl")
+    ngf: int = Field(ge=1)
+    n_blocks: int = Field(ge=0)
+    antialias: bool
+    training_data: str = ""
+    iterations: int = Field(default=0, ge=0)
+    source: Literal["trained", "official", "test"]
+    license: str = ""
+    notes: str = ""
+
+
+class ModelCard(_Frozen):
+    """The whole ``model.json``."""
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    name: Name
+    version: str = Field(min_length=1)
+    description: str = ""
+    domains: tuple[str, str]
+    directions: list[DirectionSpec] = Field(min_length=1)
+    input: InputContract = Field(default_factory=InputContract)
+    provenance: Provenance
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Self:
+        if self.domains[0] == self.domains[1]:
+            raise ValueError(f"the two domains must differ, got {list(self.domains)}")
+        names = [d.name for d in self.directions]
+        if len(set(names)) != len(names):
+            raise ValueError(f"direction names must be unique, got {names}")
+        for d in self.directions:
+            if {d.source, d.target} - set(self.domains) or d.source == d.target:
+                raise ValueError(
+                    f"direction {d.name!r}: source {d.source!r} and target {d.target!r} must be the two "
+                    f"different domains {list(self.domains)}"
+                )
+        return self
+
+    @property
+    def direction_names(self) -> list[str]:
+        return [d.name for d in self.directions]
+
+    def direction(self, name: str) -> DirectionSpec:
+        """The direction called ``name``; the error lists the available ones."""
+        for d in self.directions:
+            if d.name == name:
+                return d
+        raise ModelRepositoryError(
+            f"model {self.name!r} has no direction {name!r}; available: {', '.join(self.direction_names)}"
+        )
+
+    def to_json(self) -> str:
+        return self.model_dump_json(indent=2) + "\n"
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> ModelCard:
+        """Parse a ``model.json`` file (or the folder holding one); files are not checked here."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / MODEL_JSON
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ModelRepositoryError(f"cannot read {path}: {exc.strerror or exc}") from exc
+        try:
+            return cls.model_validate_json(text)
+        except ValidationError as exc:
+            # pydantic reports JSON syntax errors as a ValidationError too ("Invalid JSON").
+            raise ModelRepositoryError(f"{path} is not a valid model card:\n{exc}") from exc
+
+    def write(self, directory: str | os.PathLike[str]) -> Path:
+        """Atomically write ``<directory>/model.json``; write the ONNX files first, so the card never points
+        at files that are not there yet."""
+        path = Path(directory) / MODEL_JSON
+        atomic_write_text(path, self.to_json())
+        return path
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A validated model folder: its card and the absolute path of each (direction, variant) file."""
+
+    card: ModelCard
+    root: Path
+    files: Mapping[str, Mapping[str, Path]]
+
+    @property
+    def name(self) -> str:
+        return self.card.name
+
+    def path(self, direction: str, variant: Variant = "float32") -> Path:
+        """The ONNX file of ``direction`` in ``variant``; errors name what is available."""
+        spec = self.card.direction(direction)
+        if variant not in spec.files:
+            raise ModelRepositoryError(
+                f"model {self.name!r} direction {direction!r} has no {variant} file; "
+                f"available: {', '.join(spec.files)}"
+            )
+        return self.files[direction][variant]
+
+
+def sha256_file(path: str | os.PathLike[str], chunk_bytes: int = 1 << 20) -> str:
+    """Hex SHA-256 of a file, read in chunks so a large ONNX file is never held in memory twice."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(chunk_bytes):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def load_model_dir(directory: str | os.PathLike[str], *, verify: bool = True) -> LoadedModel:
+    """Load and check one model folder.
+
+    Refuses (``ModelRepositoryError``) a missing or invalid ``model.json``, a card whose ``name`` is not
+    the folder name, a missing ONNX file and, when ``verify`` is true, a file whose SHA-256 differs
+    from the card; each message names the offending file.
+    """
+    root = Path(directory).resolve()
+    card = ModelCard.load(root / MODEL_JSON)
+    if card.name != root.name:
+        raise ModelRepositoryError(
+            f"{root / MODEL_JSON}: name {card.name!r} differs from its folder {root.name!r}"
+        )
+    files: dict[str, dict[str, Path]] = {}
+    for spec in card.directions:
+        files[spec.name] = {}
+        for variant, entry in spec.files.items():
+            path = root / entry.path
+            if not path.is_file():
+                raise ModelRepositoryError(f"model {card.name!r}: missing ONNX file {path}")
+            if verify:
+                actual = sha256_file(path)
+                if actual != entry.sha256:
+                    raise ModelRepositoryError(
+                        f"model {card.name!r}: SHA-256 mismatch for {path}: model.json says {entry.sha256}, "
+                        f"the file has {actual}; the file was modified or corrupted, refusing to load it"
+                    )
+            files[spec.name][variant] = path
+    logger.debug("loaded model %s v%s from %s", card.name, card.version, root)
+    return LoadedModel(card=card, root=root, files=files)
+
+
+def scan_repository(root: str | os.PathLike[str], *, verify: bool = True) -> list[LoadedModel]:
+    """Load every immediate subfolder of ``root`` that has a ``model.json``, sorted by name.
+
+    A broken model raises rather than being skipped: serving a repository with a model silently
+    missing is worse than refusing to start.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise ModelRepositoryError(f"model repository {root} is not a folder")
+    return [load_model_dir(d, verify=verify) for d in sorted(root.iterdir()) if (d / MODEL_JSON).is_file()]
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers see either the old file or the complete new one.
+
+    Writes a temporary file in the same folder (``os.replace`` is only atomic within a file system),
+    fsyncs it, renames it over ``path`` and fsyncs the folder so the rename itself survives a crash.
+    """
+    path = Path(path)
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            # mkstemp creates the file 0600; models are read by other users (a container's server).
+            os.fchmod(f.fileno(), 0o644)
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
+    """:func:`atomic_write_bytes` for UTF-8 text."""
+    atomic_write_bytes(path, text.encode("utf-8"))

@@ -1,0 +1,275 @@
+"""onnxruntime sessions: provider choice and verification, a Runner over one session, and an Engine
+that translates PIL images with a model folder's sessions.
+
+onnxruntime-gpu silently runs on the CPU when CUDA cannot be loaded (it logs and carries on), so
+:func:`create_session` checks the providers the session really got and, when a GPU is required,
+refuses to continue. Nothing here knows about threads: the service's worker pool gives each worker
+its own runner. Must not import torch, fastapi or ``training``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections import defaultdict
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+import numpy as np
+import onnxruntime as ort
+from PIL import Image
+
+from service.imaging import from_output, to_input
+from service.repository import LoadedModel, Variant
+
+logger = logging.getLogger(__name__)
+
+CPU = "CPUExecutionProvider"
+CUDA = "CUDAExecutionProvider"
+ConvAlgoSearch = Literal["EXHAUSTIVE", "HEURISTIC", "DEFAULT"]
+ProviderSpec = str | tuple[str, dict[str, Any]]
+
+
+class ProviderUnavailable(RuntimeError):
+    """A GPU was required but the session did not get the CUDA execution provider."""
+
+
+class Runner(Protocol):
+    """What the batching workers call: (N, 3, H, W) float32 in [-1, 1] -> the same shape."""
+
+    def run(self, batch: np.ndarray) -> np.ndarray: ...
+
+
+def parse_device(device: str) -> int | None:
+    """``"cpu"`` -> None; ``"cuda"`` -> 0; ``"cuda:N"`` -> N. Anything else is a ValueError."""
+    if device == "cpu":
+        return None
+    match = re.fullmatch(r"cuda(?::([0-9]+))?", device)
+    if match:
+        return int(match.group(1) or 0)
+    raise ValueError(f"unknown device {device!r}; expected cpu, cuda or cuda:N")
+
+
+def choose_providers(device: str, *, conv_algo_search: ConvAlgoSearch = "EXHAUSTIVE") -> list[ProviderSpec]:
+    """The provider list for ``device``; the CPU provider is always last, as the fallback.
+
+    ``conv_algo_search``: EXHAUSTIVE benchmarks cuDNN algorithms once per input shape (fastest
+    steady state, slow first call per shape); HEURISTIC starts faster.
+    """
+    device_id = parse_device(device)
+    if device_id is None:
+        return [CPU]
+    cuda_options = {
+        "device_id": device_id,
+        "cudnn_conv_algo_search": conv_algo_search,
+        # False lets copies race with compute on another stream; the docs warn against it.
+        "do_copy_in_default_stream": True,
+    }
+    return [(CUDA, cuda_options), CPU]
+
+
+def default_threads() -> int:
+    """CPUs this process may use (respects taskset/cgroup affinity, unlike os.cpu_count)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def session_options(intra_op_threads: int | None) -> ort.SessionOptions:
+    """Explicit threading: ``intra_op_threads`` (None: all usable CPUs), one inter-op thread (the
+    generator is a single chain of ops) and no spin-waiting, which on a small machine burns the
+    cores the other worker threads need and roughly halves throughput."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = default_threads() if intra_op_threads is None else intra_op_threads
+    options.inter_op_num_threads = 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return options
+
+
+def _cuda_build() -> str:
+    from onnxruntime.capi import build_and_package_info as info
+
+    cuda = getattr(info, "cuda_version", None)
+    built_for = f", built for CUDA {cuda}" if cuda else ""
+    return f"{getattr(info, 'package_name', 'onnxruntime')} {ort.__version__}{built_for}"
+
+
+def create_session(
+    onnx_path: str | os.PathLike[str],
+    *,
+    device: str = "cpu",
+    intra_op_threads: int | None = None,
+    require_gpu: bool = False,
+    conv_algo_search: ConvAlgoSearch = "EXHAUSTIVE",
+) -> ort.InferenceSession:
+    """An InferenceSession on ``device``, verified to run where it was asked to.
+
+    Raises:
+        ProviderUnavailable: ``device`` is a GPU, ``require_gpu`` is true and the session did not get
+            CUDA as its first provider. Without ``require_gpu`` a warning is logged and the CPU is used.
+    """
+    providers = choose_providers(device, conv_algo_search=conv_algo_search)
+    wants_gpu = providers[0] != CPU
+    if wants_gpu and hasattr(ort, "preload_dlls"):
+        # Loads CUDA/cuDNN from the nvidia-* wheels (onnxruntime-gpu[cuda,cudnn]): no LD_LIBRARY_PATH needed.
+        ort.preload_dlls()
+    session = ort.InferenceSession(str(onnx_path), session_options(intra_op_threads), providers=providers)
+    got = session.get_providers()
+    if wants_gpu and got[0] != CUDA:
+        message = (
+            f"{device} was requested for {Path(onnx_path).name} but the session got {got}: CUDA is not "
+            f"usable ({_cuda_build()}; available providers: {ort.get_available_providers()}; see the "
+            "onnxruntime log above for the library that failed to load)"
+        )
+        if require_gpu:
+            raise ProviderUnavailable(message)
+        logger.warning("%s; falling back to the CPU", message)
+    logger.info("session for %s on %s (providers %s)", Path(onnx_path).name, device, got)
+    return session
+
+
+class OnnxRunner:
+    """Runs batches through one onnxruntime session.
+
+    Attributes:
+        provider: the execution provider the session really uses (e.g. CPUExecutionProvider).
+        device: the device that was asked for.
+        input_name, output_name: the graph's tensor names.
+    """
+
+    def __init__(
+        self,
+        session: ort.InferenceSession,
+        *,
+        device: str = "cpu",
+        input_name: str | None = None,
+        output_name: str | None = None,
+    ) -> None:
+        inputs = [i.name for i in session.get_inputs()]
+        outputs = [o.name for o in session.get_outputs()]
+        self.input_name = input_name or inputs[0]
+        self.output_name = output_name or outputs[0]
+        if self.input_name not in inputs or self.output_name not in outputs:
+            raise ValueError(
+                f"model has inputs {inputs} and outputs {outputs}; "
+                f"expected {self.input_name!r} -> {self.output_name!r}"
+            )
+        self.session = session
+        self.device = device
+        self.provider = session.get_providers()[0]
+
+    @classmethod
+    def open(
+        cls,
+        onnx_path: str | os.PathLike[str],
+        *,
+        device: str = "cpu",
+        intra_op_threads: int | None = None,
+        require_gpu: bool = False,
+        conv_algo_search: ConvAlgoSearch = "EXHAUSTIVE",
+        input_name: str | None = None,
+        output_name: str | None = None,
+    ) -> OnnxRunner:
+        """Create the session (see :func:`create_session`) and wrap it."""
+        session = create_session(
+            onnx_path,
+            device=device,
+            intra_op_threads=intra_op_threads,
+            require_gpu=require_gpu,
+            conv_algo_search=conv_algo_search,
+        )
+        return cls(session, device=device, input_name=input_name, output_name=output_name)
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        """(N, 3, H, W) float32 in [-1, 1] -> (N, 3, H, W) float32 in (-1, 1).
+
+        Raises:
+            ValueError: a batch that is not (N, 3, H, W).
+            RuntimeError: the model returned a different shape (one result per input is what lets the
+                caller hand each result to its request).
+        """
+        if batch.ndim != 4 or batch.shape[1] != 3:
+            raise ValueError(f"expected a (N, 3, H, W) batch, got shape {batch.shape}")
+        batch = np.ascontiguousarray(batch, dtype=np.float32)
+        out: np.ndarray = self.session.run([self.output_name], {self.input_name: batch})[0]
+        if out.shape != batch.shape:
+            raise RuntimeError(f"model returned shape {out.shape} for a batch of shape {batch.shape}")
+        return out
+
+
+class Engine:
+    """One model folder, one runner per direction: translate lists of PIL images.
+
+    ``translate`` is what ``dclgan translate`` uses; the service reuses :mod:`service.imaging` and
+    :class:`OnnxRunner` with its own batcher instead.
+    """
+
+    def __init__(self, model: LoadedModel, runners: Mapping[str, Runner], *, batch_size: int = 4) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.model = model
+        self.runners = dict(runners)
+        self.batch_size = batch_size
+
+    @classmethod
+    def open(
+        cls,
+        model: LoadedModel,
+        *,
+        directions: Sequence[str] | None = None,
+        variant: Variant = "float32",
+        device: str = "cpu",
+        intra_op_threads: int | None = None,
+        require_gpu: bool = False,
+        batch_size: int = 4,
+    ) -> Engine:
+        """Open a session for each of ``directions`` (default: all) of a loaded model (see
+        :func:`service.repository.load_model_dir`)."""
+        contract = model.card.input
+        runners = {
+            name: OnnxRunner.open(
+                model.path(name, variant),
+                device=device,
+                intra_op_threads=intra_op_threads,
+                require_gpu=require_gpu,
+                input_name=contract.input_name,
+                output_name=contract.output_name,
+            )
+            for name in (directions if directions is not None else model.card.direction_names)
+        }
+        return cls(model, runners, batch_size=batch_size)
+
+    def translate(
+        self, images: Sequence[Image.Image], direction: str, *, max_side: int | None = None
+    ) -> list[Image.Image]:
+        """Translate RGB images; each output has its input's size and the order is kept."""
+        results = dict(self.translate_iter(images, direction, max_side=max_side))
+        return [results[i] for i in range(len(images))]
+
+    def translate_iter(
+        self, images: Sequence[Image.Image], direction: str, *, max_side: int | None = None
+    ) -> Iterator[tuple[int, Image.Image]]:
+        """Like :meth:`translate`, but yields ``(index, output)`` as each batch finishes (for progress).
+
+        Images whose padded shapes are equal run together, in batches of at most ``batch_size``;
+        results therefore come grouped by shape, not in input order.
+        """
+        self.model.card.direction(direction)  # a clear error for an unknown direction
+        if direction not in self.runners:
+            raise ValueError(f"direction {direction!r} was not opened; opened: {', '.join(self.runners)}")
+        runner = self.runners[direction]
+        contract = self.model.card.input
+        prepared = [
+            to_input(img, max_side=max_side, multiple_of=contract.multiple_of, min_size=contract.min_size)
+            for img in images
+        ]
+        by_shape: dict[tuple[int, ...], list[int]] = defaultdict(list)
+        for index, item in enumerate(prepared):
+            by_shape[item.array.shape].append(index)
+        for indices in by_shape.values():
+            for start in range(0, len(indices), self.batch_size):
+                chunk = indices[start : start + self.batch_size]
+                out = runner.run(np.stack([prepared[i].array for i in chunk]))
+                for i, array in zip(chunk, out, strict=True):
+                    yield i, from_output(array, prepared[i])
