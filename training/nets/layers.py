@@ -27,6 +27,11 @@ def _full_precision(x: torch.Tensor) -> torch.autocast:
     return torch.autocast(device_type=x.device.type, enabled=False)
 
 
+def _like(x: torch.Tensor, filt: torch.Tensor) -> torch.Tensor:
+    # Cast only when needed, so an fp32 trace (ONNX export) records no Cast node.
+    return x if x.dtype == filt.dtype else x.to(filt.dtype)
+
+
 class Downsample(nn.Module):
     """Blur then subsample by 2: reflect-pad 1, depthwise 3x3 [1,2,1]^2/16, stride 2.
 
@@ -41,7 +46,7 @@ class Downsample(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         with _full_precision(x):
-            return F.conv2d(self.pad(x.float()), self.filt, stride=2, groups=self.channels)
+            return F.conv2d(self.pad(_like(x, self.filt)), self.filt, stride=2, groups=self.channels)
 
 
 class Upsample(nn.Module):
@@ -61,7 +66,9 @@ class Upsample(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         with _full_precision(x):
-            out = F.conv_transpose2d(self.pad(x.float()), self.filt, stride=2, padding=2, groups=self.channels)
+            out = F.conv_transpose2d(
+                self.pad(_like(x, self.filt)), self.filt, stride=2, padding=2, groups=self.channels
+            )
         # The transposed conv yields 2n+2; the even filter needs one row/column dropped on each side.
         return out[:, :, 1:-1, 1:-1]
 

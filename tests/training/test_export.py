@@ -1,0 +1,90 @@
+"""Export and import-official: ONNX files that onnxruntime runs with PyTorch's numbers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from service.repository import load_model_dir
+from service.runtime import OnnxRunner, create_session
+from training.export import ExportError, import_official_main, infer_architecture, main as export_main
+
+
+def run_onnx(path: Path, x: torch.Tensor) -> np.ndarray:
+    return OnnxRunner(create_session(path, device="cpu"), device="cpu").run(x.numpy())
+
+
+def write_official_layout(folder: Path, state: dict, prefix: str = "") -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in ("G_A", "G_B"):
+        torch.save({prefix + k: v for k, v in state.items()}, folder / f"latest_net_{name}.pth")
+
+
+@pytest.mark.parametrize("prefix", ["", "module."])
+def test_import_official_reproduces_reference_generator(load_ref, tmp_path, prefix):
+    ref = load_ref("generator")
+    write_official_layout(tmp_path / "ckpt", ref["state_dict"], prefix)
+    code = import_official_main(
+        ["--checkpoints-dir", str(tmp_path / "ckpt"), "--model-name", "h2z", "--domains", "horse", "zebra",
+         "--out", str(tmp_path / "models")]
+    )
+    assert code == 0
+    model = load_model_dir(tmp_path / "models" / "h2z")
+    assert model.card.direction_names == ["horse2zebra", "zebra2horse"]
+    assert model.card.provenance.source == "official"
+    assert (model.card.provenance.ngf, model.card.provenance.n_blocks) == (16, 9)
+    out = run_onnx(model.path("horse2zebra"), ref["input"])
+    assert np.abs(out - ref["output"].numpy()).max() <= 1e-4
+
+
+def test_import_official_refuses_a_state_dict_it_cannot_match(load_ref, tmp_path):
+    state = dict(load_ref("generator")["state_dict"])
+    state["model.30.weight"] = state["model.30.weight"][:, :8]  # wrong shape
+    write_official_layout(tmp_path / "ckpt", state)
+    args = ["--checkpoints-dir", str(tmp_path / "ckpt"), "--model-name", "bad", "--domains", "a", "b",
+            "--out", str(tmp_path / "models")]
+    assert import_official_main(args) == 1
+    assert not (tmp_path / "models" / "bad" / "model.json").exists()
+    with pytest.raises(ExportError, match="anti-aliased"):
+        infer_architecture({k: v for k, v in state.items() if not k.endswith("filt")})
+
+
+def test_export_from_training_checkpoint(tiny_run, tmp_path):
+    code = export_main(
+        ["--checkpoint", str(tiny_run.run_dir), "--model-name", "tiny", "--domains", "a", "b",
+         "--out", str(tmp_path / "models"), "--training-data", "generated test images"]
+    )
+    assert code == 0
+    model = load_model_dir(tmp_path / "models" / "tiny")
+    card = json.loads((tmp_path / "models" / "tiny" / "model.json").read_text())
+    assert card["provenance"]["iterations"] == tiny_run.iteration
+    assert card["input"]["native_size"] == tiny_run.cfg.data.crop_size
+    for direction, net in (("a2b", tiny_run.task.gen_ab), ("b2a", tiny_run.task.gen_ba)):
+        for h, w in ((32, 32), (40, 56), (8, 8)):
+            x = torch.rand(3, 3, h, w) * 2 - 1
+            with torch.no_grad():
+                want = net.eval()(x).numpy()
+            assert np.abs(run_onnx(model.path(direction), x) - want).max() <= 1e-4
+
+
+def test_fp16_variant_is_close(tiny_run, tmp_path):
+    pytest.importorskip("onnxconverter_common")
+    from training.export import export_model, fp16_psnr
+    from service.repository import Provenance
+
+    export_model(
+        {"G_A": tiny_run.task.gen_ab, "G_B": tiny_run.task.gen_ba},
+        name="half",
+        domains=("a", "b"),
+        out_root=tmp_path,
+        provenance=Provenance(model_type="dcl", ngf=4, n_blocks=1, antialias=True, source="test"),
+        native_size=32,
+        fp16=True,
+        parity_sizes=((16, 16),),
+    )
+    model = load_model_dir(tmp_path / "half")
+    assert fp16_psnr(model.path("a2b"), model.path("a2b", "float16"), size=64) >= 40

@@ -1,0 +1,298 @@
+"""Generators -> ONNX model folders (``models/<name>/``): the only contract with the service.
+
+``dclgan export`` reads one of our checkpoints; ``dclgan import-official`` reads the paper
+authors' released ``latest_net_G_A.pth`` / ``latest_net_G_B.pth``. Both check every ONNX file
+against PyTorch with onnxruntime before the model card that points at it is written, and all
+writes are atomic (the card last, so a card never names a half-written file).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import logging
+import math
+import re
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from service.repository import (
+    DirectionSpec,
+    InputContract,
+    ModelCard,
+    OnnxFile,
+    Provenance,
+    atomic_write_bytes,
+    sha256_file,
+)
+from service.runtime import OnnxRunner, create_session
+from training.checkpoint import load_state_file
+from training.nets import ResnetGenerator
+
+log = logging.getLogger(__name__)
+
+OPSET = 17
+PARITY_SIZES = ((64, 64), (256, 256), (48, 80))  # (H, W): small, native, non-square
+PARITY_TOL = 1e-4
+INPUT_NAME, OUTPUT_NAME = "image", "translated"
+
+
+class ExportError(ValueError):
+    """A checkpoint that cannot be exported faithfully."""
+
+
+@dataclass(frozen=True)
+class GeneratorArch:
+    input_nc: int
+    output_nc: int
+    ngf: int
+    n_blocks: int
+
+
+def infer_architecture(state: Mapping[str, torch.Tensor]) -> GeneratorArch:
+    """Read ngf, block count and channels off a ResnetGenerator state dict's keys and shapes.
+
+    Only the anti-aliased generator (the authors' default) is supported: its blur buffers
+    ``model.7.filt`` etc. must be present.
+    """
+    if "model.1.weight" not in state or "model.7.filt" not in state:
+        raise ExportError(
+            "not an anti-aliased ResnetGenerator state dict (no model.1.weight / model.7.filt); "
+            "checkpoints trained with --no_antialias are not supported"
+        )
+    blocks = {int(m.group(1)) for k in state if (m := re.match(r"model\.(\d+)\.conv_block\.", k))}
+    if blocks != set(range(12, 12 + len(blocks))):
+        raise ExportError(f"residual blocks are not contiguous from layer 12: {sorted(blocks)}")
+    first = state["model.1.weight"]
+    last_key = f"model.{12 + len(blocks) + 9}.weight"
+    if last_key not in state:
+        raise ExportError(f"expected the output conv at {last_key}")
+    return GeneratorArch(
+        input_nc=first.shape[1], output_nc=state[last_key].shape[0], ngf=first.shape[0], n_blocks=len(blocks)
+    )
+
+
+def generator_from_state(state: Mapping[str, torch.Tensor], arch: GeneratorArch | None = None) -> ResnetGenerator:
+    """Build the generator the state dict describes and load it with ``strict=True``."""
+    arch = arch or infer_architecture(state)
+    gen = ResnetGenerator(arch.input_nc, arch.output_nc, arch.ngf, arch.n_blocks)
+    try:
+        gen.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise ExportError(f"state dict does not match a generator with {arch}: {exc}") from exc
+    return gen.eval()
+
+
+def onnx_bytes(gen: ResnetGenerator, opset: int = OPSET) -> bytes:
+    """Trace to ONNX with dynamic batch, height and width (TorchScript exporter, opset 17)."""
+    axes = {0: "batch", 2: "height", 3: "width"}
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        # The exporter warns that InstanceNorm's training flag is ignored: harmless without running stats.
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            gen,
+            (torch.zeros(1, gen.model[1].in_channels, 64, 64),),
+            buf,
+            dynamo=False,
+            opset_version=opset,
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
+            dynamic_axes={INPUT_NAME: axes, OUTPUT_NAME: axes},
+        )
+    return buf.getvalue()
+
+
+def to_float16(model_bytes: bytes) -> bytes:
+    """Float16 weights and activations with float32 inputs and outputs (for GPUs)."""
+    import onnx
+    from onnxconverter_common import float16
+
+    with warnings.catch_warnings():
+        # It warns for every weight below fp16's smallest normal; those become 1e-7, which is expected.
+        warnings.simplefilter("ignore", UserWarning)
+        model = float16.convert_float_to_float16(onnx.load_from_string(model_bytes), keep_io_types=True)
+    return model.SerializeToString()
+
+
+def psnr(reference: np.ndarray, test: np.ndarray, peak: float = 2.0) -> float:
+    """PSNR in dB for images in [-1, 1] (peak-to-peak 2)."""
+    mse = float(np.mean((reference.astype(np.float64) - test.astype(np.float64)) ** 2))
+    return math.inf if mse == 0 else 10 * math.log10(peak**2 / mse)
+
+
+def check_parity(
+    gen: ResnetGenerator, onnx_path: Path, sizes: Sequence[tuple[int, int]] = PARITY_SIZES, seed: int = 0
+) -> list[tuple[tuple[int, int], float]]:
+    """Max |torch - onnxruntime| at each (H, W), batch 2, random inputs in [-1, 1]."""
+    runner = OnnxRunner(create_session(onnx_path, device="cpu"), device="cpu")
+    rng = np.random.default_rng(seed)
+    results = []
+    for h, w in sizes:
+        x = rng.uniform(-1, 1, (2, gen.model[1].in_channels, h, w)).astype(np.float32)
+        with torch.no_grad():
+            want = gen(torch.from_numpy(x)).numpy()
+        results.append(((h, w), float(np.abs(runner.run(x) - want).max())))
+    return results
+
+
+def export_model(
+    generators: Mapping[str, ResnetGenerator],
+    *,
+    name: str,
+    domains: tuple[str, str],
+    out_root: Path,
+    provenance: Provenance,
+    native_size: int,
+    version: str = "1",
+    description: str = "",
+    fp16: bool = False,
+    parity_sizes: Sequence[tuple[int, int]] = PARITY_SIZES,
+) -> ModelCard:
+    """Write ``out_root/name/`` with one ONNX file per direction (``generators`` maps
+    "G_A"/"G_B" to the A->B and B->A generators) and its model.json.
+
+    Raises ExportError if any ONNX file differs from PyTorch by more than 1e-4.
+    """
+    model_dir = out_root / name
+    model_dir.mkdir(parents=True, exist_ok=True)
+    plan = (("G_A", domains[0], domains[1]), ("G_B", domains[1], domains[0]))
+    directions = []
+    for gen_name, src, dst in plan:
+        gen = generators[gen_name].eval()
+        direction = f"{src}2{dst}"
+        data = onnx_bytes(gen)
+        path = model_dir / f"{direction}.onnx"
+        atomic_write_bytes(path, data)
+        for (h, w), diff in check_parity(gen, path, parity_sizes):
+            log.info("%s: max |torch - onnxruntime| at %dx%d = %.2e", direction, h, w, diff)
+            if diff > PARITY_TOL:
+                raise ExportError(f"{path.name} differs from PyTorch by {diff:.2e} at {h}x{w} (> {PARITY_TOL})")
+        files = {"float32": OnnxFile(path=path.name, sha256=sha256_file(path))}
+        if fp16:
+            half = model_dir / f"{direction}.fp16.onnx"
+            atomic_write_bytes(half, to_float16(data))
+            log.info("%s: float16 PSNR against float32 = %.1f dB", direction, fp16_psnr(path, half))
+            files["float16"] = OnnxFile(path=half.name, sha256=sha256_file(half))
+        directions.append(DirectionSpec(name=direction, source=src, target=dst, generator=gen_name, files=files))
+    card = ModelCard(
+        name=name,
+        version=version,
+        description=description,
+        domains=domains,
+        directions=directions,
+        input=InputContract(input_name=INPUT_NAME, output_name=OUTPUT_NAME, native_size=native_size),
+        provenance=provenance,
+    )
+    card.write(model_dir)
+    log.info("wrote %s", model_dir / "model.json")
+    return card
+
+
+def fp16_psnr(fp32_path: Path, fp16_path: Path, size: int = 256, seed: int = 0) -> float:
+    """PSNR of the float16 model's output against the float32 one on a smooth random image."""
+    rng = np.random.default_rng(seed)
+    coarse = rng.uniform(-1, 1, (1, 3, size // 8, size // 8)).astype(np.float32)
+    x = np.ascontiguousarray(coarse.repeat(8, axis=2).repeat(8, axis=3))
+    ref = OnnxRunner(create_session(fp32_path, device="cpu"), device="cpu").run(x)
+    half = OnnxRunner(create_session(fp16_path, device="cpu"), device="cpu").run(x)
+    return psnr(ref, half)
+
+
+# -- command line ---------------------------------------------------------------------------
+def _common_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model-name", required=True, help="folder name under --out, e.g. horse2zebra")
+    p.add_argument("--domains", nargs=2, required=True, metavar=("A", "B"), help="e.g. horse zebra")
+    p.add_argument("--out", type=Path, default=Path("models"), help="model repository root")
+    p.add_argument("--version", default="1")
+    p.add_argument("--description", default="")
+    p.add_argument("--fp16", action="store_true", help="also write float16 variants (for GPUs)")
+    p.add_argument("--training-data", default="", help="provenance: what the weights were trained on")
+    p.add_argument("--license", default="", help="provenance: licence and terms of the weights")
+    p.add_argument("--notes", default="")
+
+
+def _run_export(args: argparse.Namespace, gens: dict[str, ResnetGenerator], prov: dict, native: int) -> int:
+    arch = gens["G_A"]
+    provenance = Provenance(
+        ngf=arch.ngf,
+        n_blocks=arch.n_blocks,
+        antialias=True,
+        training_data=args.training_data,
+        license=args.license,
+        notes=args.notes,
+        **prov,
+    )
+    try:
+        export_model(
+            gens,
+            name=args.model_name,
+            domains=tuple(args.domains),
+            out_root=args.out,
+            provenance=provenance,
+            native_size=native,
+            version=args.version,
+            description=args.description,
+            fp16=args.fp16,
+        )
+    except ExportError as exc:
+        log.error("%s", exc)
+        return 1
+    return 0
+
+
+def main(argv: list[str]) -> int:
+    """``dclgan export --checkpoint checkpoints/NAME --model-name M --domains A B --out models/``."""
+    p = argparse.ArgumentParser(prog="dclgan export", description="Export a training run's generators to ONNX.")
+    p.add_argument("--checkpoint", type=Path, required=True, help="run folder holding latest.pt")
+    p.add_argument("--label", default="latest", help="checkpoint label: latest or epoch_N")
+    _common_args(p)
+    args = p.parse_args(argv)
+    path = args.checkpoint / f"{args.label}.pt"
+    if not path.is_file():
+        log.error("no checkpoint at %s", path)
+        return 2
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    gens = {name: generator_from_state(state["networks"][name]) for name in ("G_A", "G_B")}
+    cfg = state["config"]
+    prov = {"model_type": cfg["model"]["model"], "iterations": state["iteration"], "source": "trained"}
+    return _run_export(args, gens, prov, native=cfg["data"]["crop_size"])
+
+
+def import_official_main(argv: list[str]) -> int:
+    """``dclgan import-official --checkpoints-dir DIR --model-name M --domains A B --out models/``."""
+    p = argparse.ArgumentParser(
+        prog="dclgan import-official",
+        description="Turn the DCLGAN authors' released generator checkpoints into a model folder.",
+    )
+    p.add_argument("--checkpoints-dir", type=Path, required=True, help="folder with <epoch>_net_G_A.pth, _G_B.pth")
+    p.add_argument("--epoch", default="latest", help="checkpoint label (file prefix)")
+    p.add_argument("--model-type", default="dcl", choices=["dcl", "simdcl"])
+    p.add_argument("--native-size", type=int, default=256, help="training resolution of the weights")
+    p.add_argument("--ngf", type=int, help="override the inferred width")
+    p.add_argument("--n-blocks", type=int, help="override the inferred number of residual blocks")
+    _common_args(p)
+    args = p.parse_args(argv)
+    gens = {}
+    for name in ("G_A", "G_B"):
+        path = args.checkpoints_dir / f"{args.epoch}_net_{name}.pth"
+        if not path.is_file():
+            log.error("missing %s", path)
+            return 2
+        state = load_state_file(path)
+        try:
+            arch = infer_architecture(state)
+            if args.ngf or args.n_blocks:
+                arch = GeneratorArch(arch.input_nc, arch.output_nc, args.ngf or arch.ngf, args.n_blocks or arch.n_blocks)
+            gens[name] = generator_from_state(state, arch)
+        except ExportError as exc:
+            log.error("%s: %s", path, exc)
+            return 1
+        log.info("%s: ResnetGenerator ngf=%d n_blocks=%d", path.name, arch.ngf, arch.n_blocks)
+    prov = {"model_type": args.model_type, "iterations": 0, "source": "official"}
+    return _run_export(args, gens, prov, native=args.native_size)
