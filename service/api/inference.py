@@ -1,0 +1,159 @@
+"""The translate pipeline of one image, on the event loop side of the batcher.
+
+decode + prepare (thread pool) -> ``Batcher.submit`` -> await the future with a deadline -> crop,
+resize back + encode (thread pool). The event loop only ever waits; decoding, inference and encoding
+run in threads. Cancelling the awaiting task (the client left) cancels the queued item, which the
+worker then skips; a deadline that passes while the item is still queued drops it (504).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import TypeVar
+
+from anyio import to_thread
+from starlette.requests import Request
+
+from service.batching import InferenceResult
+from service.errors import ClientDisconnected, DeadlineExceeded, InferenceFailed, NotReady, QueueFull
+from service.imaging import (
+    MEDIA_TYPES,
+    ImageError,
+    OutputFormat,
+    Prepared,
+    decode_image,
+    encode_image,
+    from_output,
+    to_input,
+)
+from service.state import AppState, ServedDirection
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Options:
+    """Per-request choices: output format, working resolution and the deadline (``time.monotonic``)."""
+
+    fmt: OutputFormat
+    max_side: int
+    deadline: float
+
+
+@dataclass(frozen=True)
+class Translated:
+    """An encoded output image (exactly the input's size) and how it was computed."""
+
+    content: bytes
+    media_type: str
+    width: int
+    height: int
+    result: InferenceResult
+
+
+def _outcome(exc: BaseException) -> str:
+    """The ``dclgan_images_total`` outcome label of a failure."""
+    for kind, label in (
+        (ImageError, "bad_image"),
+        (QueueFull, "queue_full"),
+        (DeadlineExceeded, "deadline"),
+        (NotReady, "not_ready"),
+        (asyncio.CancelledError, "cancelled"),
+    ):
+        if isinstance(exc, kind):
+            return label
+    return "failed"
+
+
+async def translate(data: bytes, served: ServedDirection, options: Options, state: AppState) -> Translated:
+    """Translate one encoded image; every attempt is counted in ``dclgan_images_total`` by outcome."""
+    images = state.metrics.images
+    try:
+        translated = await _translate(data, served, options, state)
+    except BaseException as exc:
+        images.labels(served.name, _outcome(exc)).inc()
+        raise
+    images.labels(served.name, "ok").inc()
+    return translated
+
+
+async def _translate(data: bytes, served: ServedDirection, options: Options, state: AppState) -> Translated:
+    contract = served.model.card.input
+    max_pixels = state.settings.max_pixels
+
+    def prepare() -> Prepared:
+        img = decode_image(data, max_pixels=max_pixels)
+        return to_input(
+            img, max_side=options.max_side, multiple_of=contract.multiple_of, min_size=contract.min_size
+        )
+
+    served.batcher.ensure_room()  # an overload is refused in microseconds, not after a decode
+    prepared = await to_thread.run_sync(prepare)
+    remaining = options.deadline - time.monotonic()
+    if remaining <= 0:
+        raise DeadlineExceeded("the deadline passed before the image could be queued")
+    result = await await_result(served.batcher.submit(prepared.array, timeout_s=remaining), options.deadline)
+
+    def finish() -> bytes:
+        try:
+            image = from_output(result.output, prepared)
+        except ValueError as exc:  # wrong shape or NaN: the model is broken, not the request
+            raise InferenceFailed(f"unusable model output: {exc}") from exc
+        return encode_image(image, options.fmt)
+
+    content = await to_thread.run_sync(finish)
+    width, height = prepared.orig_size
+    return Translated(content, MEDIA_TYPES[options.fmt], width, height, result)
+
+
+async def await_result(future: Future[InferenceResult], deadline: float) -> InferenceResult:
+    """Wait for a queued item; at ``deadline`` drop it if it is still queued (504), else keep waiting.
+
+    Once running an item cannot be recalled, so its result is awaited past the deadline. If the
+    awaiting task is cancelled, the item is cancelled too, so the worker never computes it.
+    """
+    waiter = asyncio.wrap_future(future)
+    # Consume the outcome even if nobody awaits it any more (no "exception was never retrieved" noise).
+    waiter.add_done_callback(lambda f: f.cancelled() or f.exception())
+    try:
+        done, _ = await asyncio.wait({waiter}, timeout=max(0.0, deadline - time.monotonic()))
+        if not done and future.cancel():
+            raise DeadlineExceeded("still queued at its deadline; dropped without being computed")
+        return await waiter
+    except asyncio.CancelledError:
+        future.cancel()
+        raise
+
+
+async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
+    """Await ``work`` (after the request body has been read), cancelling it if the client disconnects.
+
+    Starlette does not cancel a handler when its client goes away, so this listens for the ASGI
+    ``http.disconnect`` message itself.
+    """
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        task.cancel()
+        raise
+    finally:
+        watcher.cancel()
+    if not task.done():
+        task.cancel()
+        logger.info("client disconnected; its queued work was dropped")
+        raise ClientDisconnected("the client disconnected before the result was ready")
+    return task.result()
+
+
+async def _disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass

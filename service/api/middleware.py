@@ -1,0 +1,153 @@
+"""Pure ASGI middleware: request ids, access log and request metrics; the request body size cap.
+
+Pure ASGI (not ``BaseHTTPMiddleware``) so nothing buffers bodies or hides client disconnects from
+the routes. Per-request facts travel in ``scope["state"]`` (what ``request.state`` reads and writes):
+``request_id`` set here; ``direction``, ``queue_ms`` and ``compute_ms`` set by the translate routes.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+import uuid
+from typing import Any
+
+from starlette.datastructures import Headers, MutableHeaders
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service.errors import ErrorPolicy, PayloadTooLarge, describe
+from service.metrics import ServiceMetrics
+
+access_log = logging.getLogger("service.access")
+logger = logging.getLogger(__name__)
+
+_CLIENT_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+
+def request_id_from(headers: Headers) -> str:
+    """The client's ``X-Request-ID`` if it is safe to log and echo, else a fresh one."""
+    given = headers.get("x-request-id", "")
+    return given if _CLIENT_REQUEST_ID.match(given) else uuid.uuid4().hex
+
+
+class RequestContextMiddleware:
+    """Give every response an ``X-Request-ID``, count it in the metrics and write one access-log line.
+
+    Metrics are recorded just before the last body chunk goes out, so a client that reads
+    ``/metrics`` right after its response always sees its own request counted. An exception no
+    handler took becomes a JSON 500 here (traceback logged, never sent), so even that response
+    carries the request id and is counted.
+    """
+
+    def __init__(self, app: ASGIApp, metrics: ServiceMetrics, policy: ErrorPolicy) -> None:
+        self.app = app
+        self.metrics = metrics
+        self.policy = policy
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        state: dict[str, Any] = scope.setdefault("state", {})
+        state["request_id"] = rid = request_id_from(Headers(scope=scope))
+        status = 500
+        started = recorded = False
+
+        def record() -> None:
+            nonlocal recorded
+            recorded = True
+            self._record(scope, state, status, time.perf_counter() - start)
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal status, started
+            if message["type"] == "http.response.start":
+                status, started = message["status"], True
+                MutableHeaders(scope=message).append("X-Request-ID", rid)
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                record()
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        except Exception as exc:
+            logger.exception("unhandled error in %s %s (request id %s)", scope["method"], scope["path"], rid)
+            if started:
+                raise
+            await describe(exc, self.policy, rid).response()(scope, receive, send_wrapper)
+        finally:
+            if not recorded:  # the app never finished a response
+                status = 500 if status < 400 else status
+                record()
+
+    def _record(self, scope: Scope, state: dict[str, Any], status: int, seconds: float) -> None:
+        route_obj = scope.get("route")
+        route = getattr(route_obj, "path", "unmatched")
+        direction = str(state.get("direction", ""))
+        self.metrics.requests.labels(route, direction, str(status)).inc()
+        self.metrics.request_seconds.labels(route, direction).observe(seconds)
+        access_log.info(
+            '%s "%s %s" %d %.1fms queue=%sms compute=%sms rid=%s',
+            _client(scope),
+            scope["method"],
+            scope["path"],
+            status,
+            seconds * 1000,
+            _ms(state.get("queue_ms")),
+            _ms(state.get("compute_ms")),
+            state["request_id"],
+        )
+
+
+def _client(scope: Scope) -> str:
+    client = scope.get("client")
+    return f"{client[0]}:{client[1]}" if client else "-"
+
+
+def _ms(value: object) -> str:
+    return f"{value:.1f}" if isinstance(value, float) else "-"
+
+
+class BodyLimitMiddleware:
+    """Refuse request bodies over ``max_bytes`` with 413, without reading them.
+
+    A declared ``Content-Length`` over the limit is refused before a byte of the body is read;
+    a chunked or lying body is counted as it streams in, and the read that crosses the limit raises
+    ``PayloadTooLarge`` into whichever route is reading (Starlette and uvicorn have no cap of their own).
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int, policy: ErrorPolicy) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+        self.policy = policy
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = Headers(scope=scope).get("content-length", "")
+        if declared.isdigit() and int(declared) > self.max_bytes:
+            await self._too_large(scope, receive, send, f"the body declares {declared} bytes")
+            return
+        received = 0
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise PayloadTooLarge(self._detail(f"the body exceeded it after {received} bytes"))
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+    def _detail(self, what: str) -> str:
+        return f"request bodies are limited to {self.max_bytes} bytes; {what}"
+
+    async def _too_large(self, scope: Scope, receive: Receive, send: Send, what: str) -> None:
+        response = describe(PayloadTooLarge(self._detail(what)), self.policy).response()
+        # The unread body makes the connection unusable for another request: tell the client to close it.
+        response.headers["Connection"] = "close"
+        await response(scope, receive, send)

@@ -1,0 +1,108 @@
+"""Service configuration: every knob of ``dclgan serve``, read from ``DCLGAN_*`` environment variables.
+
+This is the only module of the service that reads the environment, and it does so only when
+:func:`get_settings` (or ``Settings()``) is called, never at import time, so tests can build apps with
+explicit settings. List-valued variables take comma-separated values (``DCLGAN_DEVICES=cuda:0,cuda:1``).
+"""
+
+from __future__ import annotations
+
+import re
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+_DEVICE = re.compile(r"^(cpu|cuda:\d+)$")
+
+
+def _split_commas(value: object) -> object:
+    """``"a, b"`` -> ``["a", "b"]``; lists (from code or JSON) pass through unchanged."""
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+class Settings(BaseSettings):
+    """All service settings; the field descriptions are the README's configuration table."""
+
+    model_config = SettingsConfigDict(env_prefix="DCLGAN_", frozen=True, extra="ignore")
+
+    models_dir: Path = Field(Path("models"), description="model repository: one folder per model")
+    host: str = Field("127.0.0.1", description="address uvicorn binds to")
+    port: int = Field(8000, ge=0, le=65535, description="TCP port (0 picks a free one)")
+    devices: Annotated[list[str], NoDecode] = Field(
+        ["cpu"], min_length=1, description="comma-separated devices: `cpu` or `cuda:N`"
+    )
+    require_gpu: bool = Field(
+        True,
+        description="a `cuda:N` device that onnxruntime cannot use is a startup error (false: CPU fallback)",
+    )
+    instances_per_device: int = Field(1, ge=1, description="model instances (session + thread) per device")
+    intra_op_threads: int = Field(
+        0, ge=0, description="onnxruntime threads per CPU session (0: one per core)"
+    )
+    precision: Literal["float32", "float16"] = Field(
+        "float32", description="which ONNX file of each direction"
+    )
+    max_batch_size: int = Field(8, ge=1, description="most images one inference call takes")
+    max_batch_pixels: int = Field(
+        8 * 256 * 256, ge=1, description="most pixels (N x H x W) per batch; a larger image runs alone"
+    )
+    max_queue_delay_ms: float = Field(
+        0.0, ge=0, description="how long a partial batch waits for company (0: batch what is queued)"
+    )
+    max_queue_size: int = Field(64, ge=1, description="queued images per direction before rejecting")
+    queue_full_status: int = Field(503, description="status when the queue is full: 503 or 429")
+    retry_after_s: int = Field(1, ge=0, description="`Retry-After` seconds sent with 429/503")
+    request_timeout_s: float = Field(
+        60.0, gt=0, description="deadline of a queued image; `X-Request-Timeout-Ms` may shorten it"
+    )
+    drain_timeout_s: float = Field(
+        30.0, ge=0, description="on SIGTERM, how long queued and running work may take"
+    )
+    max_upload_bytes: int = Field(10 * 1024 * 1024, ge=1, description="largest request body (bytes)")
+    max_pixels: int = Field(25_000_000, ge=1, description="largest decoded image (width x height)")
+    max_side: int = Field(1024, ge=8, description="working resolution: longer side is scaled down to this")
+    max_batch_items: int = Field(16, ge=1, description="most images in one `/batch` request")
+    api_keys: Annotated[list[SecretStr], NoDecode] = Field(
+        [], description="comma-separated bearer keys; empty: no authentication"
+    )
+    metrics_require_auth: bool = Field(False, description="whether `/metrics` needs an API key too")
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        [], description="comma-separated allowed CORS origins"
+    )
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(
+        "info", description="log level"
+    )
+
+    _split = field_validator("devices", "api_keys", "cors_origins", mode="before")(_split_commas)
+
+    @field_validator("devices")
+    @classmethod
+    def _known_devices(cls, value: list[str]) -> list[str]:
+        bad = [d for d in value if not _DEVICE.match(d)]
+        if bad:
+            raise ValueError(f"devices must be `cpu` or `cuda:N`, got {bad}")
+        if len(set(value)) != len(value):
+            raise ValueError(f"devices must be distinct, got {value}")
+        return value
+
+    @field_validator("queue_full_status")
+    @classmethod
+    def _overload_status(cls, value: int) -> int:
+        if value not in (429, 503):
+            raise ValueError(f"must be 429 or 503, got {value}")
+        return value
+
+    @property
+    def max_queue_delay_s(self) -> float:
+        return self.max_queue_delay_ms / 1000.0
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, read from the environment on first call (``cache_clear()`` to re-read)."""
+    return Settings()

@@ -1,0 +1,204 @@
+"""The FastAPI app: ``create_app(settings)`` wires config, repository, batchers, workers, metrics and routes.
+
+The lifespan loads the model repository (SHA-256 verified), opens one onnxruntime session per
+instance (failing fast when a required GPU is missing) and starts the worker threads, which warm up
+before ``/readyz`` says ready. On shutdown it drains: the batchers stop accepting, queued and running
+work finishes (up to ``drain_timeout_s``), then the threads end.
+
+This is the only module that wires the parts together; like all of ``service/`` it must never import
+torch or ``training`` (a test checks ``sys.modules``).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import numpy as np
+from anyio import to_thread
+from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi_offline import FastAPIOffline
+from prometheus_client import CollectorRegistry
+
+from service.api.middleware import BodyLimitMiddleware, RequestContextMiddleware
+from service.api.routes import router, translate_router
+from service.batching import Batcher
+from service.config import Settings, get_settings
+from service.errors import ErrorPolicy, install_error_handlers
+from service.metrics import build_metrics
+from service.repository import InputContract, LoadedModel, ModelRepositoryError, scan_repository
+from service.runtime import OnnxRunner, ProviderUnavailable
+from service.state import AppState, Phase, ServedDirection
+from service.workers import DeviceRunner, DirectionPlan, WorkerPool
+
+logger = logging.getLogger(__name__)
+
+RunnerFactory = Callable[[LoadedModel, str, str], DeviceRunner]
+"""(model, direction, device) -> a runner for that direction's ONNX file on that device."""
+
+_DESCRIPTION = (
+    "Unpaired image-to-image translation with DCLGAN generators exported to ONNX. Every direction of every "
+    "model in the repository has a `POST /translate/{direction}` route. Errors are JSON: "
+    '`{"error": code, "detail": message}`.'
+)
+
+
+def onnx_runner_factory(settings: Settings) -> RunnerFactory:
+    """Runners over onnxruntime sessions, configured from ``settings``."""
+
+    def open_runner(model: LoadedModel, direction: str, device: str) -> DeviceRunner:
+        contract = model.card.input
+        return OnnxRunner.open(
+            model.path(direction, settings.precision),
+            device=device,
+            intra_op_threads=settings.intra_op_threads or None,
+            require_gpu=settings.require_gpu,
+            input_name=contract.input_name,
+            output_name=contract.output_name,
+        )
+
+    return open_runner
+
+
+def warmup_input(contract: InputContract) -> np.ndarray:
+    """A (1, 3, S, S) batch at the training resolution, S rounded up to the model's multiple."""
+    side = -(-max(contract.native_size, contract.min_size) // contract.multiple_of) * contract.multiple_of
+    return np.random.default_rng(0).uniform(-1, 1, (1, 3, side, side)).astype(np.float32)
+
+
+def start(state: AppState, open_runner: RunnerFactory) -> None:
+    """Load the repository, build a batcher per direction and start the worker pool (blocking)."""
+    settings = state.settings
+    models = scan_repository(settings.models_dir)
+    if not models:
+        raise ModelRepositoryError(
+            f"no model in {settings.models_dir.resolve()} (expected <name>/model.json)"
+        )
+    directions: dict[str, ServedDirection] = {}
+    plans = []
+    for model in models:
+        for spec in model.card.directions:
+            if spec.name in directions:
+                other = directions[spec.name].model.name
+                raise ModelRepositoryError(f"direction {spec.name!r} is in both {other!r} and {model.name!r}")
+            model.path(spec.name, settings.precision)  # fail now if the precision's file is missing
+            batcher = Batcher(
+                max_batch_size=settings.max_batch_size,
+                max_batch_pixels=settings.max_batch_pixels,
+                max_delay_s=settings.max_queue_delay_s,
+                max_queue_size=settings.max_queue_size,
+            )
+            directions[spec.name] = ServedDirection(model=model, spec=spec, batcher=batcher)
+            plans.append(
+                DirectionPlan(
+                    name=spec.name,
+                    batcher=batcher,
+                    open_runner=functools.partial(open_runner, model, spec.name),
+                    warmup_input=warmup_input(model.card.input),
+                )
+            )
+    pool = WorkerPool(
+        plans,
+        devices=settings.devices,
+        instances_per_device=settings.instances_per_device,
+        observer=state.metrics,
+    )
+    pool.start()
+    _watch(state, directions, pool)
+    state.directions, state.pool = directions, pool
+    for name, served in directions.items():
+        card = served.model.card
+        logger.info("serving %s (model %s v%s) at /translate/%s", name, card.name, card.version, name)
+
+
+def _watch(state: AppState, directions: dict[str, ServedDirection], pool: WorkerPool) -> None:
+    """Point the state gauges at their sources and publish what runs where."""
+    metrics = state.metrics
+    for name, served in directions.items():
+        metrics.watch(metrics.queue_depth, served.batcher.depth, name)
+    for device in pool.devices:
+        metrics.watch(metrics.busy_instances, functools.partial(pool.busy_count, device), device)
+        metrics.watch(metrics.instances, functools.partial(pool.instance_count, device), device)
+    metrics.watch(metrics.inflight_requests, lambda: state.inflight)
+    metrics.watch(metrics.ready, lambda: float(state.phase is Phase.READY))
+    for inst in pool.instances:
+        card = directions[inst.direction.name].model.card
+        metrics.model.labels(card.name, inst.direction.name, inst.device).info(
+            {"version": card.version, "provider": inst.runner.provider}
+        )
+
+
+def stop(state: AppState) -> None:
+    """Drain: refuse new work, let queued and running work finish (bounded), stop the threads."""
+    state.begin_drain()
+    if state.pool is not None:
+        state.pool.stop(timeout_s=state.drain_timeout_left())
+
+
+def _add_direction_enum(app: FastAPI, state: AppState) -> None:
+    """List the served directions as the ``direction`` parameter's enum (a drop-down in /docs)."""
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        schema = generate()
+        for path, item in schema.get("paths", {}).items():
+            for operation in item.values() if path.startswith("/translate/") else ():
+                for param in operation.get("parameters", []):
+                    if param["name"] == "direction" and state.directions:
+                        param["schema"]["enum"] = sorted(state.directions)
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
+def create_app(settings: Settings | None = None, *, runner_factory: RunnerFactory | None = None) -> FastAPI:
+    """Build the app; nothing is loaded until its lifespan starts.
+
+    Args:
+        settings: defaults to :func:`get_settings` (the environment).
+        runner_factory: how runners are made; defaults to onnxruntime sessions (tests pass fakes).
+    """
+    settings = settings or get_settings()
+    policy = ErrorPolicy(queue_full_status=settings.queue_full_status, retry_after_s=settings.retry_after_s)
+    state = AppState(settings=settings, metrics=build_metrics(CollectorRegistry()), policy=policy)
+    open_runner = runner_factory or onnx_runner_factory(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        try:
+            await to_thread.run_sync(start, state, open_runner)
+        except ProviderUnavailable as exc:
+            logger.error("startup failed: %s. Set DCLGAN_REQUIRE_GPU=false to allow the CPU fallback.", exc)
+            raise
+        except Exception as exc:
+            logger.error("startup failed: %s", exc)
+            raise
+        try:
+            yield
+        finally:
+            await to_thread.run_sync(stop, state)
+
+    # FastAPIOffline serves Swagger UI, ReDoc and their favicon from the package: /docs works offline.
+    app = FastAPIOffline(title="dclgan-serve", version="1.0.0", description=_DESCRIPTION, lifespan=lifespan)
+    app.state.service = state
+    install_error_handlers(app, policy)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_upload_bytes, policy=policy)
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type", "Accept", "X-Request-ID", "X-Request-Timeout-Ms"],
+            expose_headers=["X-Request-ID", "X-Model-Version", "Retry-After", "Server-Timing"],
+        )
+    app.add_middleware(
+        RequestContextMiddleware, metrics=state.metrics, policy=policy
+    )  # outermost: sees every response
+    app.include_router(translate_router)
+    app.include_router(router)
+    _add_direction_enum(app, state)
+    return app

@@ -1,0 +1,82 @@
+"""Pydantic models of the HTTP API's JSON bodies (what ``/openapi.json`` documents)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+
+class ErrorBody(BaseModel):
+    """Every error response: a stable code and a human-readable detail (a list for validation errors)."""
+
+    error: str = Field(description="machine-readable code, e.g. `queue_full`", examples=["unknown_direction"])
+    detail: str | list[Any] = Field(description="what went wrong and, where useful, what to do")
+
+
+class InstanceInfo(BaseModel):
+    device: str = Field(description="the configured device, e.g. `cpu` or `cuda:0`")
+    provider: str = Field(description="the onnxruntime execution provider the session really got")
+    warm: bool = Field(description="the instance has run its warm-up batch")
+
+
+class DirectionInfo(BaseModel):
+    name: str = Field(examples=["horse2zebra"])
+    source: str
+    target: str
+    route: str = Field(description="where to POST images", examples=["/translate/horse2zebra"])
+    queue_depth: int
+    instances: list[InstanceInfo]
+
+
+class ModelInfo(BaseModel):
+    name: str
+    version: str
+    description: str
+    domains: tuple[str, str]
+    precision: str = Field(description="which ONNX file is served: float32 or float16")
+    native_size: int = Field(description="training resolution (pixels)")
+    multiple_of: int = Field(description="inputs are padded so H and W are multiples of this")
+    directions: list[DirectionInfo]
+    provenance: dict[str, Any]
+
+
+class ModelsResponse(BaseModel):
+    models: list[ModelInfo]
+    max_side: int = Field(description="working resolution: longer side at most this many pixels")
+    max_batch_size: int
+
+
+class HealthResponse(BaseModel):
+    status: str = Field(description="`alive`, or `failed` when a model instance could not warm up")
+    detail: str | None = None
+
+
+class ReadyResponse(BaseModel):
+    status: str = Field(description="`ready`, `starting`, `draining` or `failed`")
+    ready: bool
+    warm_instances: int
+    instances: int
+
+
+class BatchItem(BaseModel):
+    """One image of a batch request: its own status, and either the image or the error."""
+
+    index: int = Field(description="position in the request")
+    filename: str | None = None
+    status: int = Field(description="what a single request would have returned", examples=[200, 415])
+    media_type: str | None = Field(None, examples=["image/png"])
+    width: int | None = None
+    height: int | None = None
+    image: str | None = Field(None, description="base64 of the encoded output image")
+    error: str | None = None
+    detail: str | list[Any] | None = None
+
+
+class BatchResponse(BaseModel):
+    model: str
+    version: str
+    direction: str
+    succeeded: int
+    failed: int
+    results: list[BatchItem]

@@ -1,0 +1,164 @@
+"""Test doubles and helpers for the service tests: fake runners, a fake repository, an in-process app.
+
+A ``FakeRunner`` negates its input, so every output is predictable from its own input (an output
+handed to the wrong request is caught), and can be held at a gate to build queues deterministically.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+from prometheus_client.parser import text_string_to_metric_families
+
+from service.config import Settings
+from service.main import create_app
+from service.repository import (
+    DirectionSpec,
+    InputContract,
+    LoadedModel,
+    ModelCard,
+    OnnxFile,
+    Provenance,
+    sha256_file,
+)
+
+FAKE_PROVIDER = "FakeExecutionProvider"
+
+
+@dataclass
+class Fakes:
+    """Shared control of every ``FakeRunner`` of a test.
+
+    Attributes:
+        warmup_gate: warm-up calls wait for it (set by default).
+        gate: inference calls (not warm-ups) wait for it (set by default).
+        batches: (direction, input batch) of every inference call, in order.
+        fail: when set, inference raises this instead of returning.
+    """
+
+    warmup_gate: threading.Event = field(default_factory=threading.Event)
+    gate: threading.Event = field(default_factory=threading.Event)
+    batches: list[tuple[str, np.ndarray]] = field(default_factory=list)
+    fail: Exception | None = None
+
+    def __post_init__(self) -> None:
+        self.warmup_gate.set()
+        self.gate.set()
+
+    def factory(self, model: LoadedModel, direction: str, device: str) -> FakeRunner:
+        return FakeRunner(self, direction, device)
+
+    def sizes(self, direction: str | None = None) -> list[int]:
+        """Batch sizes run so far (optionally for one direction)."""
+        return [len(b) for d, b in list(self.batches) if direction in (None, d)]
+
+
+class FakeRunner:
+    """Negates its input; the first call is the warm-up."""
+
+    provider = FAKE_PROVIDER
+
+    def __init__(self, fakes: Fakes, direction: str, device: str) -> None:
+        self.fakes, self.direction, self.device = fakes, direction, device
+        self.warmed = False
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        if not self.warmed:
+            self.warmed = True
+            self.fakes.warmup_gate.wait(30)
+            return -batch
+        self.fakes.batches.append((self.direction, batch.copy()))
+        self.fakes.gate.wait(30)
+        if self.fakes.fail is not None:
+            raise self.fakes.fail
+        return -batch
+
+
+def write_fake_repo(root: Path, name: str = "tiny", directions: tuple[str, ...] = ("a2b", "b2a")) -> Path:
+    """A repository with one model whose ONNX files are placeholders (fake runners never open them)."""
+    folder = root / name
+    folder.mkdir(parents=True)
+    specs = []
+    for index, direction in enumerate(directions):
+        path = folder / f"{direction}.onnx"
+        path.write_bytes(direction.encode())
+        source, target = ("a", "b") if index % 2 == 0 else ("b", "a")
+        specs.append(
+            DirectionSpec(
+                name=direction,
+                source=source,
+                target=target,
+                generator=f"G_{source.upper()}",
+                files={"float32": OnnxFile(path=path.name, sha256=sha256_file(path))},
+            )
+        )
+    ModelCard(
+        name=name,
+        version="7",
+        domains=("a", "b"),
+        directions=specs,
+        input=InputContract(native_size=16),
+        provenance=Provenance(model_type="dcl", ngf=4, n_blocks=1, antialias=True, source="test"),
+    ).write(folder)
+    return root
+
+
+def wait_until(predicate: Callable[[], bool], timeout_s: float = 10.0, what: str = "condition") -> None:
+    """Poll ``predicate`` (bounded; no timing assertion, only a ceiling against hangs)."""
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.005)
+
+
+async def eventually(predicate: Callable[[], bool], timeout_s: float = 10.0, what: str = "condition") -> None:
+    """``wait_until`` for async tests: yields to the event loop between polls."""
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.005)
+
+
+@asynccontextmanager
+async def running_app(
+    settings: Settings, runner_factory: Any = None, *, wait_ready: bool = True
+) -> AsyncIterator[tuple[Any, httpx.AsyncClient]]:
+    """The app with its lifespan running, and an in-process httpx client (``raise_app_exceptions`` off, as
+    a real server would answer a 500)."""
+    app = create_app(settings, runner_factory=runner_factory)
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    async with app.router.lifespan_context(app):
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            if wait_ready:
+                for _ in range(2000):
+                    if (await client.get("/readyz")).status_code == 200:
+                        break
+                    await asyncio.sleep(0.005)
+                else:
+                    raise AssertionError("the app never became ready")
+            yield app, client
+
+
+def samples(metrics_text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    """Every sample of a Prometheus exposition, keyed by (name, labels)."""
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(metrics_text)
+        for s in family.samples
+    }
+
+
+def sample(metrics_text: str, name: str, **labels: str) -> float:
+    """One sample's value (0 when absent: a counter never incremented has no series yet)."""
+    return samples(metrics_text).get((name, frozenset(labels.items())), 0.0)

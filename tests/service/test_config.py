@@ -1,0 +1,82 @@
+"""Settings: defaults, DCLGAN_* parsing, validation, and reading the environment only when asked."""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+import service.config
+from service.config import Settings, get_settings
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in list(__import__("os").environ):
+        if name.startswith("DCLGAN_"):
+            monkeypatch.delenv(name)
+    get_settings.cache_clear()
+
+
+def test_defaults_match_the_documented_table() -> None:
+    s = Settings()
+    assert (s.models_dir, s.host, s.port, s.devices) == (Path("models"), "127.0.0.1", 8000, ["cpu"])
+    assert (s.max_queue_delay_ms, s.queue_full_status, s.max_upload_bytes) == (0.0, 503, 10 * 1024 * 1024)
+    assert (s.instances_per_device, s.api_keys, s.cors_origins, s.metrics_require_auth) == (1, [], [], False)
+    assert s.require_gpu and s.log_level == "info" and s.max_queue_delay_s == 0.0
+
+
+def test_environment_variables_with_comma_separated_lists(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DCLGAN_DEVICES", "cuda:0, cuda:1")
+    monkeypatch.setenv("DCLGAN_API_KEYS", "k1,k2")
+    monkeypatch.setenv("DCLGAN_CORS_ORIGINS", "https://a.example")
+    monkeypatch.setenv("DCLGAN_MAX_QUEUE_DELAY_MS", "2.5")
+    monkeypatch.setenv("DCLGAN_QUEUE_FULL_STATUS", "429")
+    monkeypatch.setenv("DCLGAN_MODELS_DIR", "/srv/models")
+    s = Settings()
+    assert s.devices == ["cuda:0", "cuda:1"]
+    assert [k.get_secret_value() for k in s.api_keys] == ["k1", "k2"]
+    assert "k1" not in repr(s)  # keys never end up in logs
+    assert s.cors_origins == ["https://a.example"]
+    assert (
+        s.max_queue_delay_s == 0.0025 and s.queue_full_status == 429 and s.models_dir == Path("/srv/models")
+    )
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("devices", "gpu"),
+        ("devices", "cpu,cpu"),
+        ("queue_full_status", "500"),
+        ("max_batch_size", "0"),
+        ("port", "70000"),
+        ("log_level", "loud"),
+    ],
+)
+def test_invalid_values_are_rejected(monkeypatch: pytest.MonkeyPatch, field: str, value: str) -> None:
+    monkeypatch.setenv(f"DCLGAN_{field.upper()}", value)
+    with pytest.raises(ValidationError, match=field):
+        Settings()
+
+
+def test_get_settings_reads_the_environment_on_first_call_and_caches(monkeypatch: pytest.MonkeyPatch) -> None:
+    importlib.reload(service.config)  # importing reads nothing ...
+    monkeypatch.setenv("DCLGAN_PORT", "9001")
+    first = service.config.get_settings()  # ... the first call does
+    monkeypatch.setenv("DCLGAN_PORT", "9002")
+    assert first.port == 9001 and service.config.get_settings() is first
+    service.config.get_settings.cache_clear()
+    assert service.config.get_settings().port == 9002
+
+
+def test_settings_are_immutable() -> None:
+    with pytest.raises(ValidationError):
+        Settings().port = 1  # type: ignore[misc]
+
+
+def test_every_setting_is_documented() -> None:
+    """The field descriptions are the README's configuration table."""
+    assert all(field.description for field in Settings.model_fields.values())

@@ -1,0 +1,236 @@
+"""The WorkerPool with fake runners (and once with a real onnxruntime session): fan-out, errors, drain."""
+
+from __future__ import annotations
+
+import functools
+import threading
+from collections.abc import Sequence
+from concurrent.futures import Future
+from pathlib import Path
+
+import numpy as np
+import pytest
+from service_fakes import FAKE_PROVIDER, Fakes, wait_until
+
+from service.batching import Batch, Batcher, InferenceResult
+from service.errors import InferenceFailed, NotReady
+from service.repository import load_model_dir
+from service.runtime import OnnxRunner, ProviderUnavailable
+from service.workers import DeviceRunner, DirectionPlan, WorkerPool
+
+WARMUP = np.zeros((1, 3, 8, 8), dtype=np.float32)
+
+
+def make_pool(
+    fakes: Fakes,
+    directions: Sequence[str] = ("a2b",),
+    devices: Sequence[str] = ("cpu",),
+    instances: int = 1,
+    observer: object = None,
+) -> tuple[WorkerPool, dict[str, Batcher]]:
+    batchers = {d: Batcher(max_batch_size=4, max_queue_size=16) for d in directions}
+    plans = [
+        DirectionPlan(
+            name=d,
+            batcher=batchers[d],
+            open_runner=functools.partial(fakes.factory, None, d),
+            warmup_input=WARMUP,
+        )
+        for d in directions
+    ]
+    return WorkerPool(plans, devices=devices, instances_per_device=instances, observer=observer), batchers  # type: ignore[arg-type]
+
+
+def image(value: float, side: int = 8) -> np.ndarray:
+    return np.random.default_rng(int(value)).uniform(-1, 1, (3, side, side)).astype(np.float32) + value
+
+
+@pytest.fixture
+def fakes() -> Fakes:
+    return Fakes()
+
+
+def test_every_item_of_a_batch_gets_exactly_its_own_output(fakes: Fakes) -> None:
+    pool, batchers = make_pool(fakes)
+    pool.start()
+    fakes.gate.clear()
+    first = batchers["a2b"].submit(image(0), timeout_s=60)
+    wait_until(lambda: fakes.sizes() == [1], what="the first batch to start")
+    inputs = [image(v) for v in (1, 2, 3)]
+    futures = [batchers["a2b"].submit(x, timeout_s=60) for x in inputs]
+    fakes.gate.set()
+    results = [f.result(30) for f in futures]
+    assert fakes.sizes() == [1, 3]
+    for x, result in zip(inputs, results, strict=True):
+        np.testing.assert_array_equal(result.output, -x)
+        assert result.batch_size == 3
+    assert first.result(30).batch_size == 1
+    pool.stop(timeout_s=30)
+
+
+def test_a_runner_error_fails_every_item_of_its_batch(fakes: Fakes) -> None:
+    pool, batchers = make_pool(fakes)
+    pool.start()
+    wait_until(lambda: pool.warm, what="warm-up")
+    fakes.fail = RuntimeError("kaput")
+    futures = [batchers["a2b"].submit(image(v), timeout_s=60) for v in range(3)]
+    for f in futures:
+        with pytest.raises(InferenceFailed, match="kaput"):
+            f.result(30)
+    pool.stop(timeout_s=30)
+
+
+class ShortRunner:
+    """Returns one output whatever the batch size: a broken model."""
+
+    provider, device = FAKE_PROVIDER, "cpu"
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        return batch[:1]
+
+
+def test_a_wrong_output_count_fails_the_batch_instead_of_misrouting() -> None:
+    batcher = Batcher(max_batch_size=4, max_queue_size=16)
+    futures = [batcher.submit(image(v), timeout_s=60) for v in range(2)]
+    pool = WorkerPool(
+        [DirectionPlan("a2b", batcher, lambda device: ShortRunner(), WARMUP)],
+        devices=["cpu"],
+        instances_per_device=1,
+    )
+    pool.start()
+    for f in futures:
+        with pytest.raises(InferenceFailed, match="1 outputs for 2 inputs"):
+            f.result(30)
+    pool.stop(timeout_s=30)
+
+
+class WarmupFails:
+    provider, device = FAKE_PROVIDER, "cpu"
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        raise RuntimeError("out of memory")
+
+
+def test_a_failed_warm_up_is_reported_and_never_warm() -> None:
+    pool = WorkerPool(
+        [DirectionPlan("a2b", Batcher(max_batch_size=1, max_queue_size=1), lambda d: WarmupFails(), WARMUP)],
+        devices=["cpu"],
+        instances_per_device=1,
+    )
+    pool.start()
+    wait_until(lambda: pool.failure is not None, what="the warm-up failure")
+    assert "out of memory" in str(pool.failure) and not pool.warm
+    pool.stop(timeout_s=30)
+
+
+def test_start_fails_fast_when_a_runner_cannot_be_opened() -> None:
+    def no_gpu(device: str) -> DeviceRunner:
+        raise ProviderUnavailable(f"{device} was requested but CUDA is not usable")
+
+    pool = WorkerPool(
+        [DirectionPlan("a2b", Batcher(max_batch_size=1, max_queue_size=1), no_gpu, WARMUP)],
+        devices=["cuda:0"],
+        instances_per_device=1,
+    )
+    with pytest.raises(ProviderUnavailable, match="cuda:0"):
+        pool.start()
+    assert pool.instances == [] and not pool.warm
+
+
+def test_instances_per_device_for_every_direction(fakes: Fakes) -> None:
+    pool, _ = make_pool(fakes, directions=("a2b", "b2a"), devices=("cpu", "cuda:1"), instances=2)
+    pool.start()
+    wait_until(lambda: pool.warm, what="warm-up")
+    assert len(pool.instances) == 8
+    assert pool.instance_count("cpu") == pool.instance_count("cuda:1") == 4
+    assert len({id(inst.runner) for inst in pool.instances}) == 8
+    assert len({inst.thread.name for inst in pool.instances if inst.thread}) == 8
+    assert {(inst.direction.name, inst.runner.device) for inst in pool.instances} == {
+        (d, dev) for d in ("a2b", "b2a") for dev in ("cpu", "cuda:1")
+    }
+    pool.stop(timeout_s=30)
+
+
+def test_busy_instances_are_counted(fakes: Fakes) -> None:
+    pool, batchers = make_pool(fakes, instances=2)
+    pool.start()
+    fakes.gate.clear()
+    futures = [batchers["a2b"].submit(image(v, side=8 + 4 * v), timeout_s=60) for v in range(2)]  # 2 shapes
+    wait_until(lambda: pool.busy_count("cpu") == 2, what="both instances busy")
+    fakes.gate.set()
+    for f in futures:
+        f.result(30)
+    wait_until(lambda: pool.busy_count("cpu") == 0, what="instances idle")
+    pool.stop(timeout_s=30)
+
+
+def test_stop_lets_queued_and_running_work_finish(fakes: Fakes) -> None:
+    pool, batchers = make_pool(fakes)
+    pool.start()
+    fakes.gate.clear()
+    futures = [batchers["a2b"].submit(image(0), timeout_s=60)]
+    wait_until(lambda: len(fakes.batches) == 1, what="the first batch")
+    futures += [batchers["a2b"].submit(image(v), timeout_s=60) for v in (1, 2)]
+    finished: list[bool] = []
+    stopper = threading.Thread(target=lambda: finished.append(pool.stop(timeout_s=30)))
+    stopper.start()
+    fakes.gate.set()
+    stopper.join(30)
+    assert finished == [True]
+    assert all(isinstance(f.result(0), InferenceResult) for f in futures)
+    assert all(inst.thread is not None and not inst.thread.is_alive() for inst in pool.instances)
+
+
+def test_stop_timeout_drops_the_queue_and_abandons_the_running_batch(fakes: Fakes) -> None:
+    pool, batchers = make_pool(fakes)
+    pool.start()
+    fakes.gate.clear()
+    running = batchers["a2b"].submit(image(0), timeout_s=60)
+    wait_until(lambda: len(fakes.batches) == 1, what="the first batch")
+    queued = batchers["a2b"].submit(image(1, side=12), timeout_s=60)
+    assert pool.stop(timeout_s=0.01) is False
+    with pytest.raises(NotReady, match="drain timed out"):
+        queued.result(0)
+    fakes.gate.set()
+    assert running.result(30).batch_size == 1
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str, int]] = []
+
+    def batch_done(self, direction: str, device: str, batch: Batch, compute_s: float) -> None:
+        assert compute_s >= 0 and all(batch.started_at >= item.enqueued_at for item in batch.items)
+        self.calls.append((direction, device, len(batch.items)))
+
+
+def test_the_observer_sees_every_batch_before_its_futures_resolve(fakes: Fakes) -> None:
+    recorder = Recorder()
+    pool, batchers = make_pool(fakes, observer=recorder)
+    futures: list[Future[InferenceResult]] = [
+        batchers["a2b"].submit(image(v), timeout_s=60) for v in range(3)
+    ]
+    pool.start()
+    for f in futures:
+        f.result(30)
+        assert recorder.calls == [("a2b", "cpu", 3)]
+    pool.stop(timeout_s=30)
+
+
+def test_real_onnx_batched_outputs_equal_each_image_run_alone(tiny_repo: Path) -> None:
+    model = load_model_dir(tiny_repo / "tiny")
+    runner = OnnxRunner.open(model.path("a2b"), intra_op_threads=1)
+    batcher = Batcher(max_batch_size=4, max_queue_size=8)
+    inputs = [image(v, side=16) for v in range(4)]
+    futures = [batcher.submit(x, timeout_s=60) for x in inputs]  # queued before start: one batch of 4
+    pool = WorkerPool(
+        [DirectionPlan("a2b", batcher, lambda device: runner, np.zeros((1, 3, 16, 16), np.float32))],
+        devices=["cpu"],
+        instances_per_device=1,
+    )
+    pool.start()
+    results = [f.result(60) for f in futures]
+    pool.stop(timeout_s=30)
+    assert [r.batch_size for r in results] == [4] * 4
+    for x, result in zip(inputs, results, strict=True):
+        np.testing.assert_allclose(result.output, runner.run(x[None])[0], atol=1e-5)
