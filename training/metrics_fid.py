@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import logging
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -197,7 +198,11 @@ def load_inception(device: str = "cpu", batch_size: int = 8) -> FeatureExtractor
     Raises:
         InceptionWeightsError: the ``eval`` extra is not installed.
     """
-    net = torch.jit.load(str(inception_weights_path()), map_location="cpu").to(device).eval()
+    path = inception_weights_path()
+    with warnings.catch_warnings():
+        # torch 2.13 deprecates TorchScript loading; these weights exist only as TorchScript.
+        warnings.filterwarnings("ignore", message=".*torch.jit.load.*deprecated", category=DeprecationWarning)
+        net = torch.jit.load(str(path), map_location="cpu").to(device).eval()
 
     @torch.inference_mode()
     def extract(images: np.ndarray) -> np.ndarray:
