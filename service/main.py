@@ -24,6 +24,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi_offline import FastAPIOffline
 from prometheus_client import CollectorRegistry
 
+from service.api import page
 from service.api.middleware import BodyLimitMiddleware, RequestContextMiddleware
 from service.api.routes import router, translate_router
 from service.batching import Batcher
@@ -200,5 +201,6 @@ def create_app(settings: Settings | None = None, *, runner_factory: RunnerFactor
     )  # outermost: sees every response
     app.include_router(translate_router)
     app.include_router(router)
+    app.include_router(page.router)  # the try-it page at /
     _add_direction_enum(app, state)
     return app
