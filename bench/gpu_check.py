@@ -32,9 +32,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-import httpx
 import numpy as np
-from prometheus_client.parser import text_string_to_metric_families
 
 DIRECTION = "a2b"
 # Parity acceptance against onnxruntime's CPU float32 output, in PSNR over the [-1, 1] range (peak 2).
@@ -303,6 +301,8 @@ def engine(args: argparse.Namespace) -> int:
 
 def wait_ready(args: argparse.Namespace) -> int:
     """Print the server's URL once /readyz is 200; non-zero if it exits or the timeout passes."""
+    import httpx  # here, not at the top: the engine step must run where the service's packages are missing
+
     deadline = time.monotonic() + args.timeout
     url = None
     while time.monotonic() < deadline:
@@ -327,6 +327,9 @@ def wait_ready(args: argparse.Namespace) -> int:
 
 def service_report(args: argparse.Namespace) -> int:
     """Append bench/serve_load.py's result and the server's own view (batch sizes, provider)."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
     lines = [line for line in args.load.read_text().splitlines() if line.startswith("{")]
     if not lines:
         sys.stderr.write(f"no JSON line in {args.load}\n")

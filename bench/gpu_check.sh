@@ -11,6 +11,10 @@
 #    the compute reference, which is the only GPU number when the CUDA provider is missing;
 # 3. if onnxruntime runs on CUDA: the service on DCLGAN_DEVICES=cuda:0 under bench/serve_load.py, once
 #    per precision, then SIGTERM (the drain must exit 0).
+# Needs on that machine: torch, onnxruntime, numpy, pydantic, Pillow (training.export imports the
+# service's model schema); onnx + onnxconverter-common for float16; the service's packages (fastapi,
+# fastapi-offline, uvicorn, python-multipart, pydantic-settings, prometheus-client, httpx) for step 3.
+# Step 1 lists what is missing; carry pure-Python ones in a folder on PYTHONPATH (pip install --target).
 # Results: $OUT/gpu_check_results.md if $OUT is set, else ./gpu_check_results.md. Every step has a
 # timeout that also never runs past GPU_CHECK_BUDGET_S (default 420 s; the last SIGTERM drain may add
 # up to 30 s), and a service run starts only if its usual duration still fits.
@@ -73,18 +77,31 @@ stop_server() {
   wait "$pid" || SERVER_STATUS=$?
 }
 
+# shellcheck disable=SC2317  # run by the EXIT trap, which shellcheck does not follow
 cleanup() {
   if [[ -n $SERVER_PID ]]; then stop_server; fi
   rm -rf "$WORK"
 }
 trap cleanup EXIT
 
-log "1/3 onnxruntime providers"
-bounded 60 "$PY" -c 'import onnxruntime as ort
-print("onnxruntime", ort.__version__, "available providers:", ort.get_available_providers(), flush=True)'
+SERVICE_MODULES="fastapi fastapi_offline uvicorn multipart pydantic_settings prometheus_client httpx"
+log "1/3 onnxruntime providers, Python modules"
+bounded 60 "$PY" -c 'import importlib.util, sys
+import onnxruntime as ort
+print("onnxruntime", ort.__version__, "available providers:", ort.get_available_providers(), flush=True)
+wanted = "torch numpy pydantic PIL onnx onnxconverter_common".split() + sys.argv[1].split()
+print("python modules missing:", [m for m in wanted if importlib.util.find_spec(m) is None] or "none")
+' "$SERVICE_MODULES"
 
 log "2/3 export, onnxruntime and PyTorch (results: $RESULTS)"
-bounded 300 "$PY" bench/gpu_check.py engine --work "$WORK" --results "$RESULTS" "${DRY_RUN[@]}"
+# A failed check (parity, provider) still lets the service step run; the script exits non-zero at the end.
+ENGINE_STATUS=0
+bounded 300 "$PY" bench/gpu_check.py engine --work "$WORK" --results "$RESULTS" "${DRY_RUN[@]}" \
+  || ENGINE_STATUS=$?
+if [[ ! -f $WORK/engine.env ]]; then
+  log "step 2 stopped before it finished (status $ENGINE_STATUS)"
+  exit 1
+fi
 # shellcheck source=/dev/null
 source "$WORK/engine.env"  # SERVE_DEVICE, PRECISIONS, MODELS_DIR, DIRECTION, MAX_BATCH_SIZE
 # A dry run drives one service run: the float16 one is the same code with another DCLGAN_PRECISION.
@@ -115,9 +132,14 @@ serve_leg() {
   [[ $SERVER_STATUS == 0 ]] || { log "server exited $SERVER_STATUS after SIGTERM (expected 0)"; return 1; }
 }
 
+missing=$("$PY" -c 'import importlib.util, sys
+print(" ".join(m for m in sys.argv[1].split() if importlib.util.find_spec(m) is None))' "$SERVICE_MODULES")
 if [[ -z $SERVE_DEVICE ]]; then
   log "3/3 skipped: onnxruntime cannot run on CUDA here, so the service cannot either"
   printf '## Service\n\nNot run: onnxruntime has no usable CUDA provider here (see above).\n' >>"$RESULTS"
+elif [[ -n $missing ]]; then
+  log "3/3 skipped: the service's Python packages are missing: $missing"
+  printf '## Service\n\nNot run: missing Python modules %s.\n' "$missing" >>"$RESULTS"
 else
   for precision in $PRECISIONS; do
     if ((SECONDS + LEG_USUAL_S > BUDGET_S)); then
@@ -130,3 +152,7 @@ else
   done
 fi
 log "done in $SECONDS s: $RESULTS"
+if ((ENGINE_STATUS != 0)); then
+  log "a check of step 2 FAILED: see $RESULTS"
+fi
+exit "$ENGINE_STATUS"
