@@ -20,7 +20,6 @@ from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
@@ -113,14 +112,32 @@ def main() -> None:
             for engine, t in (("torch", t_torch), ("onnxruntime", t_ort)):
                 ips = bs / t
                 rows.append(
-                    {"engine": engine, "batch": bs, "img_per_s": round(ips, 3), "s_per_img": round(t / bs, 4),
-                     "gflops": round(ips * flops / 1e9, 1), "fraction_of_matmul": round(ips * flops / 1e9 / peak, 3)}
+                    {
+                        "engine": engine,
+                        "batch": bs,
+                        "img_per_s": round(ips, 3),
+                        "s_per_img": round(t / bs, 4),
+                        "gflops": round(ips * flops / 1e9, 1),
+                        "fraction_of_matmul": round(ips * flops / 1e9 / peak, 3),
+                    }
                 )
     for r in rows:
-        print(f"{r['engine']:>12} batch {r['batch']:>2}: {r['img_per_s']:7.3f} img/s  "  # noqa: T201
-              f"{r['gflops']:6.1f} GFLOP/s  {100 * r['fraction_of_matmul']:5.1f}% of matmul")
-    print(json.dumps({"gflop_per_image": round(flops / 1e9, 2), "matmul_gflops": round(peak, 1),  # noqa: T201
-                      "threads": args.threads, "size": args.size, "ngf": args.ngf, "rows": rows}))
+        print(
+            f"{r['engine']:>12} batch {r['batch']:>2}: {r['img_per_s']:7.3f} img/s  "  # noqa: T201
+            f"{r['gflops']:6.1f} GFLOP/s  {100 * r['fraction_of_matmul']:5.1f}% of matmul"
+        )
+    print(
+        json.dumps(
+            {
+                "gflop_per_image": round(flops / 1e9, 2),
+                "matmul_gflops": round(peak, 1),  # noqa: T201
+                "threads": args.threads,
+                "size": args.size,
+                "ngf": args.ngf,
+                "rows": rows,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -57,8 +57,9 @@ def authors_translate(self, real_a: torch.Tensor, real_b: torch.Tensor) -> Trans
 
 @contextlib.contextmanager
 def authors_math() -> Iterator[None]:
-    with mock.patch.object(task_module, "patch_nce", authors_patch_nce), mock.patch.object(
-        task_module.DCLTask, "translate", authors_translate
+    with (
+        mock.patch.object(task_module, "patch_nce", authors_patch_nce),
+        mock.patch.object(task_module.DCLTask, "translate", authors_translate),
     ):
         yield
 

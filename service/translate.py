@@ -29,14 +29,16 @@ DEFAULT_MAX_PIXELS = 64 * 1024 * 1024
 WINDOW_BATCHES = 8
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
     return value
 
 
-def _device(text: str) -> str:
+def device_arg(text: str) -> str:
+    """argparse type: cpu, cuda or cuda:N (validated like the runtime does)."""
     try:
         parse_device(text)
     except ValueError as exc:
@@ -53,10 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--direction", required=True, help="e.g. horse2zebra (see the model's model.json)")
     parser.add_argument("in_dir", type=Path, metavar="IN_DIR")
     parser.add_argument("out_dir", type=Path, metavar="OUT_DIR", help="created if missing")
-    parser.add_argument("--batch-size", type=_positive_int, default=4, help="images per run (same size only)")
-    parser.add_argument("--device", type=_device, default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
+    parser.add_argument("--batch-size", type=positive_int, default=4, help="images per run (same size only)")
+    parser.add_argument("--device", type=device_arg, default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
     parser.add_argument(
-        "--threads", type=_positive_int, default=None, help="intra-op threads (default: all CPUs)"
+        "--threads", type=positive_int, default=None, help="intra-op threads (default: all CPUs)"
     )
     parser.add_argument(
         "--variant", choices=["float32", "float16"], default="float32", help="ONNX file to use"
@@ -69,12 +71,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--max-side",
-        type=_positive_int,
+        type=positive_int,
         default=None,
         help="run at most this long side (output keeps the input size)",
     )
     parser.add_argument(
-        "--max-pixels", type=_positive_int, default=DEFAULT_MAX_PIXELS, help="refuse larger images"
+        "--max-pixels", type=positive_int, default=DEFAULT_MAX_PIXELS, help="refuse larger images"
     )
     return parser
 

@@ -13,7 +13,11 @@ from importlib import import_module
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "train": ("training.train_cli", "main", "train DCLGAN or SimDCL on an unpaired dataset"),
     "export": ("training.export", "main", "export a checkpoint's two generators to an ONNX model folder"),
-    "import-official": ("training.export", "import_official_main", "turn the authors' released checkpoints into a model folder"),
+    "import-official": (
+        "training.export",
+        "import_official_main",
+        "turn the authors' released checkpoints into a model folder",
+    ),
     "evaluate": ("training.evaluate", "main", "FID/KID of a model folder's translations against reference images"),
     "translate": ("service.translate", "main", "translate a folder of images offline with onnxruntime"),
     "serve": ("service.serve", "main", "run the HTTP service on the models in models/"),

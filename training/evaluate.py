@@ -40,8 +40,8 @@ from PIL import Image
 
 from service.imaging import ImageError, decode_image
 from service.repository import ModelRepositoryError, load_model_dir
-from service.runtime import Engine, default_threads, parse_device
-from service.translate import DEFAULT_MAX_PIXELS, list_images
+from service.runtime import Engine, default_threads
+from service.translate import DEFAULT_MAX_PIXELS, device_arg, list_images, positive_int
 from training.metrics_fid import (
     INCEPTION_FEATURES,
     INCEPTION_SIZE,
@@ -84,21 +84,6 @@ class Evaluation:
     baseline: Scores
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
-def _device(text: str) -> str:
-    try:
-        parse_device(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from exc
-    return text
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dclgan evaluate",
@@ -110,19 +95,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--inputs", required=True, type=Path, help="source-domain images, e.g. testA")
     parser.add_argument("--reference", required=True, type=Path, help="target-domain images, e.g. testB")
     parser.add_argument(
-        "--size", type=_positive_int, default=None,
+        "--size", type=positive_int, default=None,
         help="every image is resized to SIZExSIZE before translation and features "
         "(default: the model card's native_size)",
     )
-    parser.add_argument("--batch-size", type=_positive_int, default=8, help="images per network run")
-    parser.add_argument("--kid-subsets", type=_positive_int, default=100, help="random subsets for KID")
+    parser.add_argument("--batch-size", type=positive_int, default=8, help="images per network run")
+    parser.add_argument("--kid-subsets", type=positive_int, default=100, help="random subsets for KID")
     parser.add_argument(
-        "--kid-subset-size", type=_positive_int, default=100, help="rows per KID subset (clamped to the sets)"
+        "--kid-subset-size", type=positive_int, default=100, help="rows per KID subset (clamped to the sets)"
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the KID subsets")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
-    parser.add_argument("--threads", type=_positive_int, default=None, help="CPU threads (default: all)")
-    parser.add_argument("--device", type=_device, default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
+    parser.add_argument("--threads", type=positive_int, default=None, help="CPU threads (default: all)")
+    parser.add_argument("--device", type=device_arg, default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
     return parser
 
 

@@ -301,7 +301,9 @@ def import_official_main(argv: list[str]) -> int:
         try:
             arch = infer_architecture(state)
             if args.ngf or args.n_blocks:
-                arch = GeneratorArch(arch.input_nc, arch.output_nc, args.ngf or arch.ngf, args.n_blocks or arch.n_blocks)
+                arch = GeneratorArch(
+                    arch.input_nc, arch.output_nc, args.ngf or arch.ngf, args.n_blocks or arch.n_blocks
+                )
             gens[name] = generator_from_state(state, arch)
         except ExportError as exc:
             log.error("%s: %s", path, exc)

@@ -250,7 +250,9 @@ class Trainer:
                 records.append(record)
                 bar.update(1)
                 if self.iteration % cfg.print_freq == 0:
-                    bar.set_postfix({k.split("/")[-1]: f"{v:.3f}" for k, v in record.items() if "/" in k}, refresh=False)
+                    bar.set_postfix(
+                        {k.split("/")[-1]: f"{v:.3f}" for k, v in record.items() if "/" in k}, refresh=False
+                    )
                 if self.is_main and self.iteration % cfg.sample_freq == 0:
                     save_sample_grid(out["images"], self.run_dir / "samples" / f"iter_{self.iteration:07d}.png")
                 if self.iteration % cfg.save_latest_freq == 0:
@@ -263,7 +265,9 @@ class Trainer:
                     self.save(f"epoch_{self.epoch}")
                 self.epoch, self.epoch_iter = self.epoch + 1, 0
         self.save("latest")
-        log.info("rank %d finished at iteration %d; weights sha256 %s", self.rank, self.iteration, weights_digest(self.task))
+        log.info(
+            "rank %d finished at iteration %d; weights sha256 %s", self.rank, self.iteration, weights_digest(self.task)
+        )
         return records
 
     def _done(self) -> bool:

@@ -59,8 +59,15 @@ def tiny_config(dataroot: Path, checkpoints: Path, name: str = "tiny", **overrid
     model = ModelConfig(ngf=4, ndf=4, n_blocks=1, netf_nc=16, num_patches=16)
     data = DataConfig(dataroot=str(dataroot), load_size=36, crop_size=32, num_workers=0)
     base = dict(
-        name=name, checkpoints_dir=str(checkpoints), n_epochs=1, n_epochs_decay=1, threads=1,
-        sample_freq=2, save_latest_freq=100, model=model, data=data,
+        name=name,
+        checkpoints_dir=str(checkpoints),
+        n_epochs=1,
+        n_epochs_decay=1,
+        threads=1,
+        sample_freq=2,
+        save_latest_freq=100,
+        model=model,
+        data=data,
     )
     base.update(overrides)
     return TrainConfig(**base)

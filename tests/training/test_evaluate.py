@@ -25,8 +25,20 @@ from training.evaluate import main
 
 N_INPUTS, N_REFERENCE = 8, 9
 JSON_FIELDS = {
-    "model", "version", "direction", "n_inputs", "n_reference", "resolution", "feature_resolution",
-    "features", "kid_subsets", "kid_subset_size", "fid", "kid_mean", "kid_std", "baseline",
+    "model",
+    "version",
+    "direction",
+    "n_inputs",
+    "n_reference",
+    "resolution",
+    "feature_resolution",
+    "features",
+    "kid_subsets",
+    "kid_subset_size",
+    "fid",
+    "kid_mean",
+    "kid_std",
+    "baseline",
 }
 
 
@@ -88,17 +100,30 @@ def extractor(monkeypatch) -> ColourStats:
 
 def cli_args(model_dir: Path, data: Path, *extra: str) -> list[str]:
     return [
-        "--model", str(model_dir), "--direction", "horse2zebra", "--inputs", str(data / "testA"),
-        "--reference", str(data / "testB"), "--threads", "1", "--kid-subsets", "10", *extra,
+        "--model",
+        str(model_dir),
+        "--direction",
+        "horse2zebra",
+        "--inputs",
+        str(data / "testA"),
+        "--reference",
+        str(data / "testB"),
+        "--threads",
+        "1",
+        "--kid-subsets",
+        "10",
+        *extra,
     ]
 
 
 def squashed(folder: Path, size: int) -> np.ndarray:
     """What the pipeline should feed the extractor for ``folder``, computed here independently."""
-    return np.stack([
-        np.asarray(Image.open(p).convert("RGB").resize((size, size), Image.Resampling.BICUBIC))
-        for p in sorted(folder.iterdir())
-    ])
+    return np.stack(
+        [
+            np.asarray(Image.open(p).convert("RGB").resize((size, size), Image.Resampling.BICUBIC))
+            for p in sorted(folder.iterdir())
+        ]
+    )
 
 
 def test_json_output_and_the_resolution_pipeline(model_dir, data, extractor, capsys):
@@ -118,9 +143,9 @@ def test_json_output_and_the_resolution_pipeline(model_dir, data, extractor, cap
 
     inputs, reference = squashed(data / "testA", 32), squashed(data / "testB", 32)
     engine = Engine.open(load_model_dir(model_dir), directions=["horse2zebra"], intra_op_threads=1)
-    translated = np.stack([
-        np.asarray(img) for img in engine.translate([Image.fromarray(a) for a in inputs], "horse2zebra")
-    ])
+    translated = np.stack(
+        [np.asarray(img) for img in engine.translate([Image.fromarray(a) for a in inputs], "horse2zebra")]
+    )
     assert not np.array_equal(translated, inputs)
     seen = extractor.seen
     assert [a.shape for a in seen] == [(N_INPUTS, 32, 32, 3)] * 2 + [(N_REFERENCE, 32, 32, 3)]

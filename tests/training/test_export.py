@@ -11,7 +11,8 @@ import torch
 
 from service.repository import load_model_dir
 from service.runtime import OnnxRunner, create_session
-from training.export import ExportError, import_official_main, infer_architecture, main as export_main
+from training.export import ExportError, import_official_main, infer_architecture
+from training.export import main as export_main
 
 
 def run_onnx(path: Path, x: torch.Tensor) -> np.ndarray:
@@ -29,8 +30,17 @@ def test_import_official_reproduces_reference_generator(load_ref, tmp_path, pref
     ref = load_ref("generator")
     write_official_layout(tmp_path / "ckpt", ref["state_dict"], prefix)
     code = import_official_main(
-        ["--checkpoints-dir", str(tmp_path / "ckpt"), "--model-name", "h2z", "--domains", "horse", "zebra",
-         "--out", str(tmp_path / "models")]
+        [
+            "--checkpoints-dir",
+            str(tmp_path / "ckpt"),
+            "--model-name",
+            "h2z",
+            "--domains",
+            "horse",
+            "zebra",
+            "--out",
+            str(tmp_path / "models"),
+        ]
     )
     assert code == 0
     model = load_model_dir(tmp_path / "models" / "h2z")
@@ -45,8 +55,17 @@ def test_import_official_refuses_a_state_dict_it_cannot_match(load_ref, tmp_path
     state = dict(load_ref("generator")["state_dict"])
     state["model.30.weight"] = state["model.30.weight"][:, :8]  # wrong shape
     write_official_layout(tmp_path / "ckpt", state)
-    args = ["--checkpoints-dir", str(tmp_path / "ckpt"), "--model-name", "bad", "--domains", "a", "b",
-            "--out", str(tmp_path / "models")]
+    args = [
+        "--checkpoints-dir",
+        str(tmp_path / "ckpt"),
+        "--model-name",
+        "bad",
+        "--domains",
+        "a",
+        "b",
+        "--out",
+        str(tmp_path / "models"),
+    ]
     assert import_official_main(args) == 1
     assert not (tmp_path / "models" / "bad" / "model.json").exists()
     with pytest.raises(ExportError, match="anti-aliased"):
@@ -55,8 +74,19 @@ def test_import_official_refuses_a_state_dict_it_cannot_match(load_ref, tmp_path
 
 def test_export_from_training_checkpoint(tiny_run, tmp_path):
     code = export_main(
-        ["--checkpoint", str(tiny_run.run_dir), "--model-name", "tiny", "--domains", "a", "b",
-         "--out", str(tmp_path / "models"), "--training-data", "generated test images"]
+        [
+            "--checkpoint",
+            str(tiny_run.run_dir),
+            "--model-name",
+            "tiny",
+            "--domains",
+            "a",
+            "b",
+            "--out",
+            str(tmp_path / "models"),
+            "--training-data",
+            "generated test images",
+        ]
     )
     assert code == 0
     model = load_model_dir(tmp_path / "models" / "tiny")
@@ -73,8 +103,8 @@ def test_export_from_training_checkpoint(tiny_run, tmp_path):
 
 def test_fp16_variant_is_close(tiny_run, tmp_path):
     pytest.importorskip("onnxconverter_common")
-    from training.export import export_model, fp16_psnr
     from service.repository import Provenance
+    from training.export import export_model, fp16_psnr
 
     export_model(
         {"G_A": tiny_run.task.gen_ab, "G_B": tiny_run.task.gen_ba},
