@@ -71,6 +71,8 @@ def decode_image(data: bytes, *, max_pixels: int) -> Image.Image:
         raise UnsupportedImage(f"not a supported image (accepted: {', '.join(ACCEPTED_FORMATS)})") from exc
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageTooLarge(str(exc)) from exc
+    except Exception as exc:  # noqa: BLE001 - plugins raise OSError, ValueError, struct.error... on bad headers
+        raise CorruptImage(f"cannot read the image header: {exc}") from exc
     width, height = img.size
     if width * height > max_pixels:
         raise ImageTooLarge(f"image is {width}x{height} = {width * height} pixels; the limit is {max_pixels}")

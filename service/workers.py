@@ -206,7 +206,10 @@ class WorkerPool:
         compute_s = time.perf_counter() - start
         # Observe before resolving: a client that reads /metrics right after its response must see its batch.
         if self.observer is not None:
-            self.observer.batch_done(inst.direction.name, inst.device, batch, compute_s)
+            try:
+                self.observer.batch_done(inst.direction.name, inst.device, batch, compute_s)
+            except Exception:  # a metrics bug must never strand the batch's requests
+                logger.exception("batch observer failed on %s", inst.name)
         for item, output in zip(batch.items, outputs, strict=True):
             queue_s = batch.started_at - item.enqueued_at
             item.future.set_result(

@@ -84,6 +84,15 @@ async def translate(data: bytes, served: ServedDirection, options: Options, stat
     return translated
 
 
+def refuse_if_full(served: ServedDirection, state: AppState) -> None:
+    """Raise ``QueueFull`` before the upload is even read, counting the refused image."""
+    try:
+        served.batcher.ensure_room()
+    except QueueFull:
+        state.metrics.images.labels(served.name, "queue_full").inc()
+        raise
+
+
 async def _translate(data: bytes, served: ServedDirection, options: Options, state: AppState) -> Translated:
     contract = served.model.card.input
     max_pixels = state.settings.max_pixels

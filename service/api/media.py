@@ -15,9 +15,9 @@ from dataclasses import dataclass
 
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 
-from service.errors import MalformedRequest, MissingImage, NotAcceptable, UnsupportedMediaType
+from service.errors import ClientDisconnected, MalformedRequest, MissingImage, NotAcceptable, UnsupportedMediaType
 from service.imaging import MEDIA_TYPES, OutputFormat
 
 RAW_MEDIA_TYPES = (
@@ -47,6 +47,13 @@ async def read_uploads(request: Request, *, field: str, max_files: int) -> list[
         MalformedRequest: a multipart body that cannot be parsed, or more than ``max_files`` files.
         MissingImage: no file in ``field``, a non-file value there, or an empty raw body.
     """
+    try:
+        return await _read_body(request, field, max_files)
+    except ClientDisconnect as exc:  # an aborted upload is the client's doing, not a server error
+        raise ClientDisconnected("the client closed the connection during the upload") from exc
+
+
+async def _read_body(request: Request, field: str, max_files: int) -> list[Upload]:
     media = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if media == "multipart/form-data":
         return await _read_multipart(request, field, max_files)

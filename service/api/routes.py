@@ -16,7 +16,7 @@ from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from service.api.deps import Direction, State, require_api_key, require_metrics_key
-from service.api.inference import Options, Translated, translate, unless_disconnected
+from service.api.inference import Options, Translated, refuse_if_full, translate, unless_disconnected
 from service.api.media import RAW_MEDIA_TYPES, Upload, choose_format, read_uploads
 from service.batching import InferenceResult
 from service.errors import ErrorPolicy, describe
@@ -153,6 +153,7 @@ async def translate_image(
 ) -> Response:
     output_format = choose_format(fmt, request.headers.get("accept"))
     with state.admit():
+        refuse_if_full(served, state)  # an overload is refused before a 10 MiB upload is read
         (upload,) = await read_uploads(request, field="image", max_files=1)
         options = _options(state, output_format, max_side, timeout_ms)
         out: Translated = await unless_disconnected(request, translate(upload.data, served, options, state))

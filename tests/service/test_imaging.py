@@ -333,3 +333,11 @@ def test_jpeg_quality_is_applied(image_factory: Any) -> None:
 def test_encode_rejects_unknown_format(image_factory: Any) -> None:
     with pytest.raises(ValueError, match="unknown output format 'gif'"):
         encode_image(image_factory.image((8, 8)), "gif")  # type: ignore[arg-type]
+
+
+def test_malformed_header_is_reported_as_corrupt_not_raised_raw(image_factory: Any) -> None:
+    # A BMP whose compression field names no known method: Pillow raises OSError while opening.
+    bad = bytearray(image_factory.bytes((8, 8), fmt="BMP"))
+    bad[30:34] = (99).to_bytes(4, "little")
+    with pytest.raises(CorruptImage):
+        decode_image(bytes(bad), max_pixels=10**6)
