@@ -40,6 +40,11 @@ class Settings(BaseSettings):
         True,
         description="a `cuda:N` device that onnxruntime cannot use is a startup error (false: CPU fallback)",
     )
+    cudnn_conv_algo_search: Literal["HEURISTIC", "EXHAUSTIVE", "DEFAULT"] = Field(
+        "HEURISTIC",
+        description="cuDNN algorithm choice on GPUs: EXHAUSTIVE benchmarks every new input shape on the request "
+        "path (any working size up to max_side can arrive), HEURISTIC picks at once",
+    )
     instances_per_device: int = Field(1, ge=1, description="model instances (session + thread) per device")
     intra_op_threads: int = Field(
         0, ge=0, description="onnxruntime threads per CPU session (0: one per core)"

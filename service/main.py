@@ -58,6 +58,7 @@ def onnx_runner_factory(settings: Settings) -> RunnerFactory:
             device=device,
             intra_op_threads=settings.intra_op_threads or None,
             require_gpu=settings.require_gpu,
+            conv_algo_search=settings.cudnn_conv_algo_search,
             input_name=contract.input_name,
             output_name=contract.output_name,
         )

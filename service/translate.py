@@ -18,7 +18,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from service.imaging import MEDIA_TYPES, ImageError, decode_image, encode_image
 from service.repository import ModelRepositoryError, atomic_write_bytes, load_model_dir
-from service.runtime import Engine, parse_device
+from service.runtime import Engine, ProviderUnavailable, parse_device
 
 logger = logging.getLogger(__name__)
 
@@ -100,14 +100,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         logger.error("input folder %s does not exist", args.in_dir)
         return 2
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    engine = Engine.open(
-        model,
-        directions=[args.direction],
-        variant=args.variant,
-        device=args.device,
-        intra_op_threads=args.threads,
-        batch_size=args.batch_size,
-    )
+    try:
+        engine = Engine.open(
+            model,
+            directions=[args.direction],
+            variant=args.variant,
+            device=args.device,
+            intra_op_threads=args.threads,
+            # Asking for a GPU and silently getting the CPU is the failure users cannot see: refuse instead.
+            require_gpu=args.device != "cpu",
+            batch_size=args.batch_size,
+        )
+    except ProviderUnavailable as exc:
+        logger.error("%s", exc)
+        return 2
     files = list_images(args.in_dir)
     if not files:
         logger.warning("no images (%s) in %s", ", ".join(sorted(IMAGE_SUFFIXES)), args.in_dir)

@@ -194,3 +194,14 @@ def test_runs_without_torch_or_training(tiny: str, image_factory: Any, tmp_path:
     )
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "out" / "x.png").is_file()
+
+
+@pytest.mark.skipif(Path("/dev/nvidia0").exists(), reason="a GPU is present: CUDA would really be used")
+def test_gpu_requested_but_unavailable_exits_2(
+    tiny: str, image_factory: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    image_factory.write("x.png", (16, 16))
+    out = tmp_path / "out"
+    args = ["--model", tiny, "--direction", "a2b", "--device", "cuda", str(image_factory.folder), str(out)]
+    assert main(args) == 2
+    assert "CUDA" in caplog.text and not list(out.glob("*"))
