@@ -7,7 +7,7 @@ Exception tree (``status`` is the HTTP code, ``error`` the stable machine-readab
      +-- Unauthorized                401 unauthorized           missing or wrong bearer key
      +-- UnknownDirection            404 unknown_direction      names the available directions
      +-- NotAcceptable               406 not_acceptable         Accept names no format we produce
-     +-- PayloadTooLarge             413 payload_too_large      body over max_upload_bytes / too many items
+     +-- PayloadTooLarge             413 payload_too_large      body over max_upload_bytes
      +-- UnsupportedMediaType        415 unsupported_media_type neither multipart nor image/*
      +-- MissingImage                422 validation_error       no file in the expected form field
      +-- Unavailable                 503 (+ Retry-After)

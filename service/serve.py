@@ -6,7 +6,8 @@ would each load every model and split the traffic that dynamic batching needs to
 Shutdown follows what load balancers and Kubernetes expect. On the first SIGTERM (or Ctrl+C) the
 process keeps listening but ``/readyz`` and new translate requests answer 503 at once, while
 admitted requests finish; once none is left (or ``drain_timeout_s`` passed) uvicorn shuts down and
-the process exits 0. A second signal exits immediately.
+the process exits 0. A second signal hands over to uvicorn's own shutdown, which still waits for
+the remaining drain time and then ends the process with the signal's status.
 """
 
 from __future__ import annotations

@@ -100,6 +100,11 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataConfig = field(default_factory=DataConfig)
 
+    def __post_init__(self) -> None:
+        if self.model.model == "simdcl" and (self.data.batch_size != 1 or self.data.crop_size < 64):
+            # Its heads read exactly 256 patches x 256 features of one image per layer (spec 9.1).
+            raise ValueError("SimDCL needs --batch-size 1 and --crop-size >= 64")
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 

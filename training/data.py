@@ -13,9 +13,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
+from service.imaging import to_rgb
 from training.config import DataConfig
 
 log = logging.getLogger(__name__)
@@ -37,13 +38,9 @@ def list_images(folder: Path, limit: int | None = None) -> list[Path]:
 
 
 def load_rgb(path: Path) -> Image.Image:
-    """Decode, apply EXIF orientation and convert any mode (L, P, RGBA, I;16, ...) to RGB."""
+    """Decode, apply EXIF orientation and convert any mode to RGB exactly as the service does."""
     with Image.open(path) as img:
-        img = ImageOps.exif_transpose(img)
-        if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-            arr = np.asarray(img, dtype=np.float32)
-            img = Image.fromarray((arr / max(arr.max(), 1.0) * 255).astype(np.uint8))
-        return img.convert("RGB")
+        return to_rgb(ImageOps.exif_transpose(img))
 
 
 def augment(img: Image.Image, load_size: int, crop_size: int, flip: bool, rng: random.Random) -> torch.Tensor:
@@ -88,7 +85,7 @@ class UnalignedDataset(Dataset):
             path = files[(index + offset) % len(files)]
             try:
                 return load_rgb(path)
-            except (OSError, UnidentifiedImageError, ValueError) as exc:
+            except Exception as exc:  # noqa: BLE001 - any decoder failure (incl. bombs) skips the file
                 log.warning("skipping unreadable image %s: %s", path, exc)
                 skipped.append(str(path))
         raise DataError(f"no readable image among {len(files)} files")

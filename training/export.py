@@ -12,6 +12,7 @@ import argparse
 import io
 import logging
 import math
+import os
 import re
 import warnings
 from collections.abc import Mapping, Sequence
@@ -173,26 +174,31 @@ def export_model(
     model_dir.mkdir(parents=True, exist_ok=True)
     plan = (("G_A", domains[0], domains[1]), ("G_B", domains[1], domains[0]))
     directions = []
-    for gen_name, src, dst in plan:
-        gen = generators[gen_name].eval()
-        direction = f"{src}2{dst}"
-        data = onnx_bytes(gen)
-        check_onnx(data)
-        path = model_dir / f"{direction}.onnx"
-        atomic_write_bytes(path, data)
-        for (h, w), diff in check_parity(gen, path, parity_sizes):
-            log.info("%s: max |torch - onnxruntime| at %dx%d = %.2e", direction, h, w, diff)
-            if diff > PARITY_TOL:
-                raise ExportError(f"{path.name} differs from PyTorch by {diff:.2e} at {h}x{w} (> {PARITY_TOL})")
-        files = {"float32": OnnxFile(path=path.name, sha256=sha256_file(path))}
-        if fp16:
-            half = model_dir / f"{direction}.fp16.onnx"
-            half_bytes = to_float16(data)
-            check_onnx(half_bytes)
-            atomic_write_bytes(half, half_bytes)
-            log.info("%s: float16 PSNR against float32 = %.1f dB", direction, fp16_psnr(path, half))
-            files["float16"] = OnnxFile(path=half.name, sha256=sha256_file(half))
-        directions.append(DirectionSpec(name=direction, source=src, target=dst, generator=gen_name, files=files))
+    staged: list[tuple[Path, Path]] = []  # (verified temporary file, final name)
+    try:
+        for gen_name, src, dst in plan:
+            gen = generators[gen_name].eval()
+            direction = f"{src}2{dst}"
+            files = {"float32": _stage(model_dir, f"{direction}.onnx", onnx_bytes(gen), staged)}
+            tmp = staged[-1][0]
+            for (h, w), diff in check_parity(gen, tmp, parity_sizes):
+                log.info("%s: max |torch - onnxruntime| at %dx%d = %.2e", direction, h, w, diff)
+                if diff > PARITY_TOL:
+                    raise ExportError(
+                        f"{direction}.onnx differs from PyTorch by {diff:.2e} at {h}x{w} (> {PARITY_TOL})"
+                    )
+            if fp16:
+                half = to_float16(tmp.read_bytes())
+                files["float16"] = _stage(model_dir, f"{direction}.fp16.onnx", half, staged)
+                log.info("%s: float16 PSNR against float32 = %.1f dB", direction, fp16_psnr(tmp, staged[-1][0]))
+            directions.append(DirectionSpec(name=direction, source=src, target=dst, generator=gen_name, files=files))
+    except BaseException:
+        for tmp, _ in staged:
+            tmp.unlink(missing_ok=True)
+        raise
+    # Everything verified: only now replace the files a previous export may be serving.
+    for tmp, final in staged:
+        os.replace(tmp, final)
     card = ModelCard(
         name=name,
         version=version,
@@ -205,6 +211,15 @@ def export_model(
     card.write(model_dir)
     log.info("wrote %s", model_dir / "model.json")
     return card
+
+
+def _stage(model_dir: Path, name: str, data: bytes, staged: list[tuple[Path, Path]]) -> OnnxFile:
+    """Check ``data`` with onnx.checker and write it under a temporary name beside its final one."""
+    check_onnx(data)
+    tmp = model_dir / f".{name}.staging"
+    atomic_write_bytes(tmp, data)
+    staged.append((tmp, model_dir / name))
+    return OnnxFile(path=name, sha256=sha256_file(tmp))
 
 
 def fp16_psnr(fp32_path: Path, fp16_path: Path, size: int = 256, seed: int = 0) -> float:
@@ -270,8 +285,12 @@ def main(argv: list[str]) -> int:
     if not path.is_file():
         log.error("no checkpoint at %s", path)
         return 2
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    gens = {name: generator_from_state(state["networks"][name]) for name in ("G_A", "G_B")}
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        gens = {name: generator_from_state(state["networks"][name]) for name in ("G_A", "G_B")}
+    except (ExportError, KeyError, RuntimeError, OSError) as exc:
+        log.error("%s is not a usable training checkpoint: %s", path, exc)
+        return 2
     cfg = state["config"]
     prov = {"model_type": cfg["model"]["model"], "iterations": state["iteration"], "source": "trained"}
     return _run_export(args, gens, prov, native=cfg["data"]["crop_size"])

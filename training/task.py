@@ -72,6 +72,7 @@ class Contrast:
     per_layer: torch.Tensor  # (L,)
     key_rows: list[torch.Tensor]
     key_ids: list[torch.Tensor]
+    query_feats: list[torch.Tensor]
     fresh_query_rows: list[torch.Tensor] = field(default_factory=list)
 
 
@@ -190,11 +191,12 @@ class DCLTask(nn.Module):
         encoder and head; the key head draws the patch ids (unless given) and the query reuses them."""
         n = self.cfg.num_patches
         key_rows, ids = key_head(key_feats, n, key_ids)
-        query_rows, _ = query_head(query_gen.encode(fake, self.cfg.nce_layers), n, ids)
+        query_feats = query_gen.encode(fake, self.cfg.nce_layers)
+        query_rows, _ = query_head(query_feats, n, ids)
         per_layer = torch.stack(
             [patch_nce(q, k, self.cfg.nce_t).mean() for q, k in zip(query_rows, key_rows, strict=True)]
         )
-        return Contrast(per_layer=per_layer, key_rows=key_rows, key_ids=ids)
+        return Contrast(per_layer=per_layer, key_rows=key_rows, key_ids=ids, query_feats=query_feats)
 
     def g_losses(
         self,
@@ -296,8 +298,8 @@ class SimDCLTask(DCLTask):
 
     def contrast(self, key_feats, fake, key_head, query_gen, query_head, key_ids=None) -> Contrast:  # type: ignore[override]
         result = super().contrast(key_feats, fake, key_head, query_gen, query_head, key_ids)
-        query_feats = query_gen.encode(fake, self.cfg.nce_layers)
-        result.fresh_query_rows, _ = query_head(query_feats, self.cfg.num_patches)
+        # Same query features, fresh patch ids (spec 9.2): the fake side of the similarity loss.
+        result.fresh_query_rows, _ = query_head(result.query_feats, self.cfg.num_patches)
         return result
 
     def extra_g_losses(self, ab: Contrast, ba: Contrast) -> dict[str, torch.Tensor]:

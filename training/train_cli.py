@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
-from dataclasses import fields
+from dataclasses import fields, replace
+from pathlib import Path
 
 from training.config import DataConfig, ModelConfig, OptimConfig, TrainConfig
 from training.data import DataError
@@ -86,6 +88,27 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     )
 
 
+# What a resumed run may change: how it runs, not what it trains.
+RUN_CONTROL = ("max_iters", "threads", "device", "save_latest_freq", "save_epoch_freq", "print_freq", "sample_freq")
+SCHEDULE_FLAGS = {"--n-epochs": "n_epochs", "--n-epochs-decay": "n_epochs_decay"}
+
+
+def resumed_config(cli: TrainConfig, argv: list[str]) -> TrainConfig:
+    """The run's stored configuration, with run-control options (and the schedule, if given) from ``cli``.
+
+    Networks, losses, optimiser and data options come from the checkpoint's run, so ``--resume``
+    needs none of the original flags and cannot silently train something else.
+    """
+    path = Path(cli.checkpoints_dir) / cli.name / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"--resume: no run at {path.parent} (config.json missing)")
+    stored = TrainConfig.from_dict(json.loads(path.read_text()))
+    changes = {name: getattr(cli, name) for name in RUN_CONTROL}
+    changes.update({field: getattr(cli, field) for flag, field in SCHEDULE_FLAGS.items() if flag in argv})
+    data = replace(stored.data, dataroot=cli.data.dataroot, num_workers=cli.data.num_workers)
+    return replace(stored, data=data, **changes)
+
+
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -93,6 +116,8 @@ def main(argv: list[str]) -> int:
 
     try:
         cfg = config_from_args(args)
+        if args.resume:
+            cfg = resumed_config(cfg, argv)
         trainer = Trainer(cfg, resume=args.resume)
     except (DataError, ValueError, FileNotFoundError) as exc:
         log.error("%s", exc)

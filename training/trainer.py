@@ -29,6 +29,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from service.repository import atomic_write_text
 from training.checkpoint import atomic_torch_save, rng_state, set_rng_state
 from training.config import TrainConfig
 from training.data import UnalignedDataset, epoch_order
@@ -45,16 +46,27 @@ def lr_multiplier(epoch: int, n_epochs: int, n_epochs_decay: int) -> float:
     return 1.0 - max(0, epoch - n_epochs) / (n_epochs_decay + 1)
 
 
-def _init_distributed() -> tuple[int, int, int]:
-    """(rank, world size, local rank) from torchrun's environment; (0, 1, 0) when not launched by it."""
+def resolve_device(requested: str, local_rank: int) -> torch.device:
+    """``auto`` -> this rank's GPU if there is one, else CPU; a bare ``cuda`` -> this rank's GPU."""
+    if requested == "auto":
+        requested = "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "cuda":
+        requested = f"cuda:{local_rank}"
+    return torch.device(requested)
+
+
+def _init_distributed(device: torch.device) -> tuple[int, int]:
+    """(rank, world size) from torchrun's environment; (0, 1) when not launched by it.
+
+    NCCL when this process trains on a GPU, gloo on CPU (decided by the device, not by whether
+    the machine happens to have a GPU).
+    """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
-        return 0, 1, 0
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
+        return 0, 1
     if not dist.is_initialized():
-        dist.init_process_group(backend)
-    return dist.get_rank(), world, local_rank
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), world
 
 
 def _average_gradients(modules: Sequence[nn.Module]) -> None:
@@ -93,14 +105,11 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, resume: bool = False) -> None:
         self.cfg = cfg
-        self.rank, self.world, local_rank = _init_distributed()
+        self.device = resolve_device(cfg.device, int(os.environ.get("LOCAL_RANK", "0")))
+        self.rank, self.world = _init_distributed(self.device)
         self.is_main = self.rank == 0
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
-        if cfg.device == "auto":
-            self.device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-        else:
-            self.device = torch.device(cfg.device)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
             # The reference tolerances assume true fp32 convs; TF32 would add ~1e-3 error.
@@ -160,11 +169,13 @@ class Trainer:
         log.info("resumed %s at epoch %d, iteration %d", path, self.epoch, self.iteration)
 
     def save(self, label: str = "latest") -> None:
+        """``<label>.pt`` plus the authors' ``<label>_net_<name>.pth`` (their epoch label is the bare number)."""
         if not self.is_main:
             return
         atomic_torch_save(self.state(), self.run_dir / f"{label}.pt")
+        official_label = label.removeprefix("epoch_")
         for name, sd in iter_official_state(self.task):
-            atomic_torch_save(sd, self.run_dir / f"{label}_net_{name}.pth")
+            atomic_torch_save(sd, self.run_dir / f"{official_label}_net_{name}.pth")
 
     # -- loop -----------------------------------------------------------------------------
     def _autocast(self) -> contextlib.AbstractContextManager:
@@ -216,14 +227,14 @@ class Trainer:
         if not (self.is_main and path.is_file()):
             return
         kept = [ln for ln in path.read_text().splitlines() if json.loads(ln)["iteration"] <= self.iteration]
-        path.write_text("".join(ln + "\n" for ln in kept))
+        atomic_write_text(path, "".join(ln + "\n" for ln in kept))
 
     def fit(self) -> list[dict[str, Any]]:
         """Train until the schedule ends or ``max_iters``; returns this call's log records."""
         cfg = self.cfg
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+            atomic_write_text(self.run_dir / "config.json", json.dumps(cfg.to_dict(), indent=2))
             self._trim_log()
         sync = _average_gradients if self.world > 1 else None
         last_epoch = cfg.n_epochs + cfg.n_epochs_decay

@@ -118,3 +118,17 @@ def test_fp16_variant_is_close(tiny_run, tmp_path):
     )
     model = load_model_dir(tmp_path / "half")
     assert fp16_psnr(model.path("a2b"), model.path("a2b", "float16"), size=64) >= 40
+
+
+def test_a_failed_export_leaves_the_served_model_intact(tiny_run, tmp_path, monkeypatch):
+    from training import export
+
+    args = ["--checkpoint", str(tiny_run.run_dir), "--model-name", "tiny", "--domains", "a", "b",
+            "--out", str(tmp_path)]  # fmt: skip
+    assert export_main(args) == 0
+    before = {p.name: p.read_bytes() for p in (tmp_path / "tiny").iterdir()}
+    monkeypatch.setattr(export, "check_parity", lambda *a, **k: [((8, 8), 1.0)])
+    assert export_main(args) == 1
+    after = {p.name: p.read_bytes() for p in (tmp_path / "tiny").iterdir()}
+    assert after == before  # no staged leftovers, old files and card untouched
+    load_model_dir(tmp_path / "tiny")  # still loads, SHA-256 verified

@@ -111,3 +111,43 @@ def test_bf16_losses_track_fp32(tiny_dataroot, tmp_path):
     bf16 = Trainer(tiny_config(tiny_dataroot, tmp_path / "h", max_iters=8, amp="bf16")).fit()
     for a, b in zip(fp32, bf16, strict=True):
         assert b["g/total"] == pytest.approx(a["g/total"], rel=0.05)
+
+
+def test_simdcl_real_side_rows_carry_gradient_but_nce_keys_do_not():
+    torch.manual_seed(0)
+    task = SimDCLTask(ModelConfig(model="simdcl", ngf=4, ndf=4, n_blocks=1))
+    task.build_heads(64)
+    real_a, real_b = torch.rand(1, 3, 64, 64) * 2 - 1, torch.rand(1, 3, 64, 64) * 2 - 1
+    tr = task.translate(real_a, real_b)
+    losses = task.g_losses(real_a, real_b, tr)
+    # SimDCL's similarity term reads the key rows before PatchNCE detaches them (spec 9.2) ...
+    sim_grads = torch.autograd.grad(losses["g/sim"], tr.feats_real_a, retain_graph=True, allow_unused=True)
+    assert all(g is not None and g.abs().sum() > 0 for g in sim_grads)
+    # ... while the contrastive term itself gives the real (key) side nothing.
+    nce_grads = torch.autograd.grad(losses["g/nce_ab"], tr.feats_real_a, allow_unused=True)
+    assert all(g is None for g in nce_grads)
+
+
+def test_simdcl_preconditions_are_checked_up_front(tiny_dataroot, tmp_path):
+    with pytest.raises(ValueError, match="SimDCL needs"):
+        tiny_config(tiny_dataroot, tmp_path, model=ModelConfig(model="simdcl", ngf=4, ndf=4, n_blocks=1))
+
+
+def test_resume_takes_the_stored_configuration(tiny_dataroot, tmp_path):
+    from training.train_cli import build_parser, config_from_args, resumed_config
+
+    Trainer(tiny_config(tiny_dataroot, tmp_path, max_iters=2)).fit()
+    argv = ["--dataroot", str(tiny_dataroot), "--name", "tiny", "--checkpoints-dir", str(tmp_path), "--resume"]
+    argv += ["--max-iters", "4", "--n-epochs-decay", "3", "--lr", "0.5"]
+    cfg = resumed_config(config_from_args(build_parser().parse_args(argv)), argv)
+    assert (cfg.model.ngf, cfg.data.crop_size, cfg.optim.lr) == (4, 32, 2e-4)  # the run's, not the defaults
+    assert (cfg.max_iters, cfg.n_epochs_decay, cfg.n_epochs) == (4, 3, 1)  # run control and given schedule
+    records = Trainer(cfg, resume=True).fit()
+    assert [r["iteration"] for r in records] == [3, 4]
+
+
+def test_epoch_snapshots_use_the_authors_names(tiny_dataroot, tmp_path):
+    trainer = Trainer(tiny_config(tiny_dataroot, tmp_path, max_iters=8, save_epoch_freq=1))
+    trainer.fit()
+    assert (trainer.run_dir / "epoch_1.pt").is_file()
+    assert (trainer.run_dir / "1_net_G_A.pth").is_file() and (trainer.run_dir / "1_net_F2.pth").is_file()
