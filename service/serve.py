@@ -38,10 +38,13 @@ class DrainingServer(uvicorn.Server):
         self.state = state
         self._loop: asyncio.AbstractEventLoop | None = None
         self._drain: asyncio.Task[None] | None = None
+        self._watch: asyncio.Task[None] | None = None
+        self.instance_failed = False
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         self._loop = asyncio.get_running_loop()
         await super().startup(sockets)
+        self._watch = asyncio.ensure_future(self._exit_on_instance_failure())
         if self.started and self.servers and self.servers[0].sockets:
             host, port = self.servers[0].sockets[0].getsockname()[:2]
             base = f"http://{f'[{host}]' if ':' in host else host}:{port}"
@@ -52,6 +55,18 @@ class DrainingServer(uvicorn.Server):
                 base,
                 base,
             )
+
+    async def _exit_on_instance_failure(self) -> None:
+        """An instance that failed to warm up will never serve: exit non-zero, so that Docker's restart
+        policy or an orchestrator restarts the process instead of keeping a container that only says 503."""
+        while not self.should_exit:
+            pool = self.state.pool
+            if pool is not None and pool.failure is not None:
+                logger.error("exiting: %s", pool.failure)
+                self.instance_failed = True
+                self.should_exit = True
+                return
+            await asyncio.sleep(0.25)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if self._drain is not None or self._loop is None:
@@ -115,4 +130,4 @@ def main(argv: list[str] | None = None) -> int:
         server.run()
     except SystemExit as exc:  # uvicorn exits this way when the lifespan (model loading) fails
         return exc.code if isinstance(exc.code, int) else 1
-    return 0 if server.started else 1
+    return 0 if server.started and not server.instance_failed else 1

@@ -8,6 +8,7 @@ timing assertions.
 from __future__ import annotations
 
 import io
+import json
 import os
 import re
 import signal
@@ -58,9 +59,8 @@ class Server:
             time.sleep(0.01)
 
 
-@contextmanager
-def run_server(models: Path, log: Path, **settings: object) -> Iterator[Server]:
-    """Start the service on a free port (DCLGAN_PORT=0; the URL is read from its log) and wait until ready."""
+def spawn_server(models: Path, log: Path, **settings: object) -> subprocess.Popen[bytes]:
+    """``python -m service`` on a free port (DCLGAN_PORT=0), its output going to ``log``."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("DCLGAN_")}
     env.update(
         PYTHONPATH=str(REPO_ROOT),
@@ -72,9 +72,15 @@ def run_server(models: Path, log: Path, **settings: object) -> Iterator[Server]:
     )
     env.update({f"DCLGAN_{key.upper()}": str(value) for key, value in settings.items()})
     with log.open("wb") as sink:
-        process = subprocess.Popen(
+        return subprocess.Popen(
             [sys.executable, "-m", "service"], cwd=REPO_ROOT, env=env, stdout=sink, stderr=subprocess.STDOUT
         )
+
+
+@contextmanager
+def run_server(models: Path, log: Path, **settings: object) -> Iterator[Server]:
+    """Start the service (the URL is read from its log) and wait until it is ready."""
+    process = spawn_server(models, log, **settings)
     try:
         deadline = time.monotonic() + START_TIMEOUT_S
         while not (found := re.search(r"dclgan-serve at (http://\S+)", log.read_text())):
@@ -302,3 +308,17 @@ def test_a_required_gpu_that_is_missing_stops_startup_with_a_reason(tiny_repo: P
         with run_server(tiny_repo, log, devices="cuda:0", require_gpu="true"):
             pass
     assert re.search(r"startup failed: cuda:0 was requested .* CUDA is not usable", log.read_text())
+
+
+def test_an_instance_that_cannot_warm_up_ends_the_process(tiny_model_copy: Path, tmp_path: Path) -> None:
+    # The session opens, but the warm-up batch is 1x1 pixels, which the generator's padding refuses.
+    card = json.loads((tiny_model_copy / "model.json").read_text())
+    card["input"].update(native_size=1, min_size=1, multiple_of=1)
+    (tiny_model_copy / "model.json").write_text(json.dumps(card))
+    log = tmp_path / "server.log"
+    process = spawn_server(tiny_model_copy.parent, log)
+    try:
+        assert process.wait(START_TIMEOUT_S) == 1, log.read_text()
+    finally:
+        process.kill()
+    assert "exiting: warm-up of" in log.read_text()
