@@ -31,7 +31,7 @@ import yaml
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
-from service.repository import DirectionSpec, InputContract, ModelCard, OnnxFile, Provenance, sha256_file
+from service.repository import Provenance
 from tests.deploy.common import REPO_ROOT, dashboard_queries, find_tool
 
 pytestmark = pytest.mark.slow
@@ -56,9 +56,7 @@ def wait_until(
     """Poll ``check()`` until it is truthy; fail with the log if the process dies or time is up."""
     deadline = time.monotonic() + timeout_s
     while True:
-        assert process.poll() is None, (
-            f"exited ({process.returncode}) while waiting for {what}:\n{log.read_text()}"
-        )
+        assert process.poll() is None, f"exited ({process.returncode}) while waiting for {what}:\n{log.read_text()}"
         result = check()
         if result:
             return result
@@ -67,9 +65,7 @@ def wait_until(
 
 
 @contextmanager
-def running(
-    args: list[str], log: Path, env: dict[str, str] | None = None
-) -> Iterator[subprocess.Popen[bytes]]:
+def running(args: list[str], log: Path, env: dict[str, str] | None = None) -> Iterator[subprocess.Popen[bytes]]:
     with log.open("wb") as sink:
         process = subprocess.Popen(args, cwd=REPO_ROOT, env=env, stdout=sink, stderr=subprocess.STDOUT)
     try:
@@ -108,30 +104,19 @@ def png(size: int, seed: int) -> bytes:
 def models(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A repository with one tiny random generator (direction a2b), exported the way `dclgan export` does."""
     pytest.importorskip("torch")
-    from training.export import onnx_bytes
+    from training.export import export_model
     from training.nets import ResnetGenerator
 
     root = tmp_path_factory.mktemp("models")
-    folder = root / "tiny"
-    folder.mkdir()
-    onnx = folder / f"{DIRECTION}.onnx"
-    onnx.write_bytes(onnx_bytes(ResnetGenerator(ngf=4, n_blocks=1).eval()))
-    ModelCard(
+    export_model(
+        {"G_A": ResnetGenerator(ngf=4, n_blocks=1), "G_B": ResnetGenerator(ngf=4, n_blocks=1)},
         name="tiny",
-        version="1",
-        domains=("a", "b"),
-        directions=[
-            DirectionSpec(
-                name=DIRECTION,
-                source="a",
-                target="b",
-                generator="G_A",
-                files={"float32": OnnxFile(path=onnx.name, sha256=sha256_file(onnx))},
-            )
-        ],
-        input=InputContract(native_size=16),
+        domains=("a", "b"),  # directions a2b (DIRECTION) and b2a
+        out_root=root,
         provenance=Provenance(model_type="dcl", ngf=4, n_blocks=1, antialias=True, source="test"),
-    ).write(folder)
+        native_size=16,
+        parity_sizes=((16, 16),),
+    )
     return root
 
 
@@ -163,9 +148,7 @@ def service_url(models: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
 
 
 def test_repo_config_passes_promtool() -> None:
-    result = subprocess.run(
-        [PROMTOOL, "check", "config", str(REPO_CONFIG)], capture_output=True, text=True, timeout=30
-    )
+    result = subprocess.run([PROMTOOL, "check", "config", str(REPO_CONFIG)], capture_output=True, text=True, timeout=30)
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -180,9 +163,7 @@ def prometheus_url(service_url: str, tmp_path_factory: pytest.TempPathFactory) -
     job["static_configs"] = [{"targets": [service_url.removeprefix("http://")]}]
     path = work / "prometheus.yml"
     path.write_text(yaml.safe_dump(config))
-    check = subprocess.run(
-        [PROMTOOL, "check", "config", str(path)], capture_output=True, text=True, timeout=30
-    )
+    check = subprocess.run([PROMTOOL, "check", "config", str(path)], capture_output=True, text=True, timeout=30)
     assert check.returncode == 0, check.stdout + check.stderr
 
     address = f"127.0.0.1:{free_port()}"
@@ -222,9 +203,7 @@ def test_scrape_passes_promtool_check_metrics(service_url: str) -> None:
     translate(service_url, 1, seed=100)  # so every labelled family has samples to lint
     scrape = httpx.get(f"{service_url}/metrics", timeout=10).text
     assert f'dclgan_requests_total{{code="200",direction="{DIRECTION}",route="{TRANSLATE_ROUTE}"}}' in scrape
-    result = subprocess.run(
-        [PROMTOOL, "check", "metrics"], input=scrape, capture_output=True, text=True, timeout=30
-    )
+    result = subprocess.run([PROMTOOL, "check", "metrics"], input=scrape, capture_output=True, text=True, timeout=30)
     assert result.returncode == 0, result.stdout + result.stderr
 
 

@@ -71,6 +71,25 @@ async def client(repo: Path, fakes: Fakes) -> AsyncIterator[httpx.AsyncClient]:
         yield c
 
 
+def post_scope(path: str, headers: list[tuple[bytes, bytes]], client_port: int) -> dict[str, Any]:
+    """A raw ASGI HTTP scope for a POST, for tests that drive the app message by message."""
+    return {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "headers": headers,
+        "client": ("127.0.0.1", client_port),
+        "server": ("test", 80),
+        "root_path": "",
+        "state": {},
+    }
+
+
 def state_of(app: Any) -> AppState:
     return app.state.service  # type: ignore[no-any-return]
 
@@ -161,9 +180,7 @@ BAD_REQUESTS = {
 
 
 @pytest.mark.parametrize("case", list(BAD_REQUESTS))
-async def test_bad_requests_get_json_errors_with_the_right_status(
-    client: httpx.AsyncClient, case: str
-) -> None:
+async def test_bad_requests_get_json_errors_with_the_right_status(client: httpx.AsyncClient, case: str) -> None:
     path, kwargs, status, error = BAD_REQUESTS[case]
     r = await client.post(path, **kwargs)
     assert (r.status_code, r.json()["error"]) == (status, error), r.text
@@ -194,9 +211,7 @@ async def test_a_declared_body_over_the_limit_is_413_before_reading(repo: Path, 
     assert "1001" in r.json()["detail"] and r.headers["connection"] == "close"
 
 
-async def test_a_streamed_body_over_the_limit_is_refused_without_reading_it_all(
-    repo: Path, fakes: Fakes
-) -> None:
+async def test_a_streamed_body_over_the_limit_is_refused_without_reading_it_all(repo: Path, fakes: Fakes) -> None:
     async with running_app(Settings(models_dir=repo, max_upload_bytes=1000), fakes.factory) as (app, _):
         chunks_read = 0
 
@@ -210,21 +225,9 @@ async def test_a_streamed_body_over_the_limit_is_refused_without_reading_it_all(
         async def send(message: dict[str, Any]) -> None:
             messages.append(message)
 
-        scope = {
-            "type": "http",
-            "asgi": {"version": "3.0"},
-            "http_version": "1.1",
-            "method": "POST",
-            "scheme": "http",
-            "path": "/translate/a2b",
-            "raw_path": b"/translate/a2b",
-            "query_string": b"",
-            "headers": [(b"content-type", b"image/png"), (b"transfer-encoding", b"chunked")],
-            "client": ("127.0.0.1", 1),
-            "server": ("test", 80),
-            "root_path": "",
-            "state": {},
-        }
+        scope = post_scope(
+            "/translate/a2b", [(b"content-type", b"image/png"), (b"transfer-encoding", b"chunked")], client_port=1
+        )
         await asyncio.wait_for(app(scope, endless_body, send), 10)
     assert messages[0]["status"] == 413
     assert chunks_read == 11  # 1,100 bytes: the read that crossed 1,000 was the last
@@ -262,9 +265,7 @@ async def test_an_unexpected_error_is_a_json_500_without_internals(
         raise RuntimeError("secret internals")
 
     monkeypatch.setattr(service.api.inference, "encode_image", broken)
-    r = await client.post(
-        "/translate/a2b", content=png(), headers={"content-type": "image/png", "x-request-id": "r-1"}
-    )
+    r = await client.post("/translate/a2b", content=png(), headers={"content-type": "image/png", "x-request-id": "r-1"})
     assert r.status_code == 500 and r.json() == {
         "error": "internal_error",
         "detail": "internal server error (request id r-1)",
@@ -308,9 +309,7 @@ async def test_metrics_can_require_a_key(repo: Path, fakes: Fakes) -> None:
 
 async def test_cors_origins_are_configurable(repo: Path, fakes: Fakes) -> None:
     preflight = {"origin": "https://app.example", "access-control-request-method": "POST"}
-    async with running_app(
-        Settings(models_dir=repo, cors_origins=["https://app.example"]), fakes.factory
-    ) as (_, c):
+    async with running_app(Settings(models_dir=repo, cors_origins=["https://app.example"]), fakes.factory) as (_, c):
         r = await c.options("/translate/a2b", headers=preflight)
         assert r.headers["access-control-allow-origin"] == "https://app.example"
     async with running_app(Settings(models_dir=repo), fakes.factory) as (_, c):
@@ -319,12 +318,8 @@ async def test_cors_origins_are_configurable(repo: Path, fakes: Fakes) -> None:
 
 
 async def test_request_id_is_echoed_when_safe_and_generated_otherwise(client: httpx.AsyncClient) -> None:
-    assert (await client.get("/healthz", headers={"x-request-id": "abc-123"})).headers[
-        "x-request-id"
-    ] == "abc-123"
-    generated = (await client.get("/healthz", headers={"x-request-id": "bad id\nwith newline"})).headers[
-        "x-request-id"
-    ]
+    assert (await client.get("/healthz", headers={"x-request-id": "abc-123"})).headers["x-request-id"] == "abc-123"
+    generated = (await client.get("/healthz", headers={"x-request-id": "bad id\nwith newline"})).headers["x-request-id"]
     assert re.fullmatch(r"[0-9a-f]{32}", generated)
 
 
@@ -394,9 +389,7 @@ async def test_startup_fails_on_an_empty_repository(tmp_path: Path, fakes: Fakes
 # --- backpressure, deadlines, disconnects ------------------------------------------------------------
 
 
-async def occupy(
-    app: Any, c: httpx.AsyncClient, fakes: Fakes, queued: int = 0
-) -> list[asyncio.Task[httpx.Response]]:
+async def occupy(app: Any, c: httpx.AsyncClient, fakes: Fakes, queued: int = 0) -> list[asyncio.Task[httpx.Response]]:
     """Hold the a2b instance with one request and queue ``queued`` more (all 30x20)."""
     fakes.gate.clear()
     tasks = [asyncio.ensure_future(c.post("/translate/a2b", **raw(png(seed=9))))]
@@ -409,12 +402,8 @@ async def occupy(
 
 
 @pytest.mark.parametrize("status", [503, 429])
-async def test_a_full_queue_is_rejected_at_once_with_retry_after(
-    repo: Path, fakes: Fakes, status: int
-) -> None:
-    settings = Settings(
-        models_dir=repo, max_queue_size=1, max_batch_size=1, queue_full_status=status, retry_after_s=2
-    )
+async def test_a_full_queue_is_rejected_at_once_with_retry_after(repo: Path, fakes: Fakes, status: int) -> None:
+    settings = Settings(models_dir=repo, max_queue_size=1, max_batch_size=1, queue_full_status=status, retry_after_s=2)
     async with running_app(settings, fakes.factory) as (app, c):
         held = await occupy(app, c, fakes, queued=1)
         r = await c.post("/translate/a2b", **raw(png()))
@@ -425,9 +414,7 @@ async def test_a_full_queue_is_rejected_at_once_with_retry_after(
     assert sample(text, "dclgan_images_total", direction="a2b", outcome="queue_full") == 1
 
 
-async def test_a_request_queued_past_its_deadline_is_dropped_uncomputed_with_504(
-    repo: Path, fakes: Fakes
-) -> None:
+async def test_a_request_queued_past_its_deadline_is_dropped_uncomputed_with_504(repo: Path, fakes: Fakes) -> None:
     async with running_app(Settings(models_dir=repo), fakes.factory) as (app, c):
         held = await occupy(app, c, fakes)
         late = png(seed=42)
@@ -442,10 +429,7 @@ async def test_a_request_queued_past_its_deadline_is_dropped_uncomputed_with_504
         text = (await c.get("/metrics")).text
     assert fakes.sizes() == [1]  # only the held request ever reached the runner
     assert sample(text, "dclgan_images_total", direction="a2b", outcome="deadline") == 1
-    assert (
-        sample(text, "dclgan_requests_total", route="/translate/{direction}", direction="a2b", code="504")
-        == 1
-    )
+    assert sample(text, "dclgan_requests_total", route="/translate/{direction}", direction="a2b", code="504") == 1
 
 
 async def test_a_client_that_disconnects_has_its_queued_work_dropped(repo: Path, fakes: Fakes) -> None:
@@ -466,21 +450,11 @@ async def test_a_client_that_disconnects_has_its_queued_work_dropped(repo: Path,
         async def send(message: dict[str, Any]) -> None:
             pass
 
-        scope = {
-            "type": "http",
-            "asgi": {"version": "3.0"},
-            "http_version": "1.1",
-            "method": "POST",
-            "scheme": "http",
-            "path": "/translate/a2b",
-            "raw_path": b"/translate/a2b",
-            "query_string": b"",
-            "headers": [(b"content-type", b"image/png"), (b"content-length", str(len(body)).encode())],
-            "client": ("127.0.0.1", 2),
-            "server": ("test", 80),
-            "root_path": "",
-            "state": {},
-        }
+        scope = post_scope(
+            "/translate/a2b",
+            [(b"content-type", b"image/png"), (b"content-length", str(len(body)).encode())],
+            client_port=2,
+        )
         call = asyncio.ensure_future(app(scope, receive, send))
         batcher = state_of(app).directions["a2b"].batcher
         await eventually(lambda: batcher.depth() == 1, what="the request to be queued")
@@ -492,10 +466,7 @@ async def test_a_client_that_disconnects_has_its_queued_work_dropped(repo: Path,
         text = (await c.get("/metrics")).text
     assert fakes.sizes() == [1]
     assert sample(text, "dclgan_images_total", direction="a2b", outcome="cancelled") == 1
-    assert (
-        sample(text, "dclgan_requests_total", route="/translate/{direction}", direction="a2b", code="499")
-        == 1
-    )
+    assert sample(text, "dclgan_requests_total", route="/translate/{direction}", direction="a2b", code="499") == 1
 
 
 # --- metrics, models, docs ---------------------------------------------------------------------------
@@ -542,10 +513,7 @@ async def test_counters_add_up_exactly_after_a_known_sequence(client: httpx.Asyn
     )
     assert sample(text, "dclgan_instances", device="cpu") == 2 and sample(text, "dclgan_ready") == 1
     assert sample(text, "dclgan_queue_depth", direction="a2b") == 0
-    assert (
-        sample(text, "dclgan_inflight_requests") == 0
-        and sample(text, "dclgan_busy_instances", device="cpu") == 0
-    )
+    assert sample(text, "dclgan_inflight_requests") == 0 and sample(text, "dclgan_busy_instances", device="cpu") == 0
 
 
 async def test_models_lists_directions_versions_and_where_they_run(client: httpx.AsyncClient) -> None:
@@ -594,9 +562,7 @@ def test_importing_the_service_never_imports_torch_or_training() -> None:
         "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'training')); "
         "print(bad); sys.exit(1 if bad else 0)"
     )
-    result = subprocess.run(
-        [sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120
-    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
 
 
