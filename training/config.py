@@ -12,9 +12,24 @@ from typing import Any, Literal
 ModelName = Literal["dcl", "simdcl"]
 
 
+# The loss weights each model's code applies, with the authors' defaults (spec 8.3, 9.3). SimDCL's
+# code never applies lambda_NCE or an identity weight, and DCL has no similarity loss.
+APPLIED_WEIGHTS: dict[str, dict[str, float]] = {
+    "dcl": {"lambda_nce": 2.0, "lambda_idt": 1.0},
+    "simdcl": {"lambda_sim": 10.0},
+}
+WEIGHT_FLAGS = {"lambda_nce": "--lambda-NCE", "lambda_idt": "--lambda-IDT", "lambda_sim": "--lambda-SIM"}
+
+
 @dataclass(frozen=True)
 class ModelConfig:
-    """Networks and loss weights (spec sections 1.2, 8, 9)."""
+    """Networks and loss weights (spec sections 1.2, 8, 9).
+
+    ``lambda_nce``, ``lambda_idt`` and ``lambda_sim`` default to None, which means the chosen
+    model's default (:data:`APPLIED_WEIGHTS`). A weight the model does not apply is refused rather
+    than accepted and recorded in ``config.json`` while changing nothing; after construction the
+    applied weights hold numbers and the others stay None.
+    """
 
     model: ModelName = "dcl"
     input_nc: int = 3
@@ -29,16 +44,34 @@ class ModelConfig:
     nce_t: float = 0.07
     gan_mode: Literal["hinge", "lsgan"] = "hinge"
     lambda_gan: float = 1.0
-    # DCL only: SimDCL's code never applies lambda_NCE or an identity weight (spec 9.3).
-    lambda_nce: float = 2.0
-    lambda_idt: float = 1.0
-    lambda_sim: float = 10.0  # SimDCL only
+    lambda_nce: float | None = None
+    lambda_idt: float | None = None
+    lambda_sim: float | None = None
 
     def __post_init__(self) -> None:
         if list(self.nce_layers) != sorted(self.nce_layers):
             raise ValueError("nce_layers must be ascending")
-        if self.model == "simdcl" and (self.num_patches != 256 or self.netf_nc != 256):
-            raise ValueError("SimDCL's similarity heads need num_patches=256 and netf_nc=256 (spec 9.1)")
+        if self.model == "simdcl" and (self.num_patches != 256 or len(self.nce_layers) != 4):
+            # The similarity heads read a (4 layers, 256 patches, netF_nc) stack (spec 9.1); the
+            # authors also fix netF_nc at 256 there, but the heads' weights do not depend on it.
+            raise ValueError("SimDCL's similarity heads need num_patches=256 and four nce_layers (spec 9.1)")
+        applied = APPLIED_WEIGHTS[self.model]
+        for name, flag in WEIGHT_FLAGS.items():
+            value = getattr(self, name)
+            if name not in applied and value is not None:
+                raise ValueError(f"{flag} has no effect with --model {self.model} (its loss has no such weight)")
+            if name in applied and value is None:
+                object.__setattr__(self, name, applied[name])
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> ModelConfig:
+        """Rebuild a stored record. Records written before unapplied weights were refused still
+        carry them (at values that never had an effect); they are dropped here."""
+        raw = {**raw, "nce_layers": tuple(raw["nce_layers"])}
+        for name in WEIGHT_FLAGS:
+            if name not in APPLIED_WEIGHTS[raw.get("model", "dcl")]:
+                raw[name] = None
+        return cls(**raw)
 
 
 @dataclass(frozen=True)
@@ -111,11 +144,8 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> TrainConfig:
         raw = dict(raw)
-        model = dict(raw.pop("model"))
-        model["nce_layers"] = tuple(model["nce_layers"])
+        model = ModelConfig.from_dict(raw.pop("model"))
         optim = dict(raw.pop("optim"))
         if optim.get("head_betas") is not None:
             optim["head_betas"] = tuple(optim["head_betas"])
-        return cls(
-            model=ModelConfig(**model), optim=OptimConfig(**optim), data=DataConfig(**raw.pop("data")), **raw
-        )
+        return cls(model=model, optim=OptimConfig(**optim), data=DataConfig(**raw.pop("data")), **raw)

@@ -40,6 +40,9 @@ OFFICIAL_NAMES = {
 }
 
 PatchIds = Sequence[torch.Tensor]
+# The ids of every head call that draws patch positions, in call order: replaces the random draws
+# (tests replay the authors' recorded ids). DCL draws twice per G loss, SimDCL four times.
+IdDraws = Iterator[PatchIds]
 # Averages the gradients of the given modules across data-parallel ranks (see trainer.py).
 GradSync = Callable[[Sequence[nn.Module]], None]
 
@@ -71,7 +74,6 @@ class Contrast:
 
     per_layer: torch.Tensor  # (L,)
     key_rows: list[torch.Tensor]
-    key_ids: list[torch.Tensor]
     query_feats: list[torch.Tensor]
     fresh_query_rows: list[torch.Tensor] = field(default_factory=list)
 
@@ -101,10 +103,10 @@ class DCLTask(nn.Module):
 
     # DCL weights NCE by lambda_nce and identity by lambda_idt; SimDCL overrides both with 1.
     def nce_weight(self) -> float:
-        return self.cfg.lambda_nce
+        return float(self.cfg.lambda_nce)  # ModelConfig sets it for DCL
 
     def idt_weight(self) -> float:
-        return self.cfg.lambda_idt
+        return float(self.cfg.lambda_idt)
 
     # -- construction -------------------------------------------------------------------
     def build_heads(self, image_size: int = 64) -> None:
@@ -132,6 +134,9 @@ class DCLTask(nn.Module):
         return [self.head_a, self.head_b]
 
     def make_optimizers(self, cfg: OptimConfig) -> Optimizers:
+        """Adam for G, D and all heads; the heads must be built first, or Adam would never see them."""
+        if not all(head.built for head in (self.head_a, self.head_b)):
+            raise RuntimeError("build_heads() must run before make_optimizers()")
         betas = (cfg.beta1, cfg.beta2)
         head_lr, head_betas = cfg.head_hparams(self.cfg.model)
         gens = [*self.gen_ab.parameters(), *self.gen_ba.parameters()]
@@ -185,38 +190,41 @@ class DCLTask(nn.Module):
         key_head: PatchSampleF,
         query_gen: ResnetGenerator,
         query_head: PatchSampleF,
-        key_ids: PatchIds | None = None,
+        draws: IdDraws | None = None,
     ) -> Contrast:
         """PatchNCE for one direction: the query is the fake through the *other* generator's
-        encoder and head; the key head draws the patch ids (unless given) and the query reuses them."""
+        encoder and head; the key head draws the patch ids and the query reuses them."""
         n = self.cfg.num_patches
-        key_rows, ids = key_head(key_feats, n, key_ids)
+        key_rows, ids = key_head(key_feats, n, next(draws) if draws is not None else None)
         query_feats = query_gen.encode(fake, self.cfg.nce_layers)
         query_rows, _ = query_head(query_feats, n, ids)
         per_layer = torch.stack(
             [patch_nce(q, k, self.cfg.nce_t).mean() for q, k in zip(query_rows, key_rows, strict=True)]
         )
-        return Contrast(per_layer=per_layer, key_rows=key_rows, key_ids=ids, query_feats=query_feats)
+        return Contrast(per_layer=per_layer, key_rows=key_rows, query_feats=query_feats)
 
     def g_losses(
         self,
         real_a: torch.Tensor,
         real_b: torch.Tensor,
         tr: Translations,
-        key_ids: tuple[PatchIds, PatchIds] | None = None,
+        drawn_ids: Sequence[PatchIds] | None = None,
     ) -> dict[str, torch.Tensor]:
         """Generator objective against the current discriminators (spec 8.3 / 9.3).
 
-        ``key_ids`` optionally fixes the patch ids of NCE A->B and B->A (tests use the
-        authors' recorded ids).
+        ``drawn_ids`` optionally replaces the random patch draws, in call order (see ``IdDraws``);
+        all of them must be used.
         """
         cfg = self.cfg
+        draws = iter(drawn_ids) if drawn_ids is not None else None
         losses = {
             "g/gan_ab": cfg.lambda_gan * gan_loss(self.disc_b(tr.fake_b), True, cfg.gan_mode),
             "g/gan_ba": cfg.lambda_gan * gan_loss(self.disc_a(tr.fake_a), True, cfg.gan_mode),
         }
-        ab = self.contrast(tr.feats_real_a, tr.fake_b, self.head_a, self.gen_ba, self.head_b, key_ids and key_ids[0])
-        ba = self.contrast(tr.feats_real_b, tr.fake_a, self.head_b, self.gen_ab, self.head_a, key_ids and key_ids[1])
+        ab = self.contrast(tr.feats_real_a, tr.fake_b, self.head_a, self.gen_ba, self.head_b, draws)
+        ba = self.contrast(tr.feats_real_b, tr.fake_a, self.head_b, self.gen_ab, self.head_a, draws)
+        if draws is not None and next(draws, None) is not None:
+            raise ValueError("drawn_ids holds more draws than this model makes")
         losses["g/nce_ab"] = self.nce_weight() * ab.per_layer.mean()
         losses["g/nce_ba"] = self.nce_weight() * ba.per_layer.mean()
         total = 0.5 * (losses["g/gan_ab"] + losses["g/gan_ba"]) + 0.5 * (losses["g/nce_ab"] + losses["g/nce_ba"])
@@ -242,7 +250,7 @@ class DCLTask(nn.Module):
         opt: Optimizers,
         autocast: contextlib.AbstractContextManager | None = None,
         grad_sync: GradSync | None = None,
-        key_ids: tuple[PatchIds, PatchIds] | None = None,
+        drawn_ids: Sequence[PatchIds] | None = None,
     ) -> dict[str, torch.Tensor]:
         """D first, then G and the heads against the updated D, reusing the same fakes (spec 8.4)."""
         amp = autocast or contextlib.nullcontext
@@ -262,7 +270,7 @@ class DCLTask(nn.Module):
         opt.g.zero_grad(set_to_none=True)
         opt.f.zero_grad(set_to_none=True)
         with amp():
-            g = self.g_losses(real_a, real_b, tr, key_ids)
+            g = self.g_losses(real_a, real_b, tr, drawn_ids)
         g["g/total"].backward()
         if grad_sync:
             grad_sync([self.gen_ab, self.gen_ba, *self.head_modules()])
@@ -296,10 +304,11 @@ class SimDCLTask(DCLTask):
     def head_modules(self) -> list[nn.Module]:
         return [self.head_a, self.head_b, self.sim_real_a, self.sim_fake_b, self.sim_real_b, self.sim_fake_a]
 
-    def contrast(self, key_feats, fake, key_head, query_gen, query_head, key_ids=None) -> Contrast:  # type: ignore[override]
-        result = super().contrast(key_feats, fake, key_head, query_gen, query_head, key_ids)
+    def contrast(self, key_feats, fake, key_head, query_gen, query_head, draws=None) -> Contrast:  # type: ignore[override]
+        result = super().contrast(key_feats, fake, key_head, query_gen, query_head, draws)
         # Same query features, fresh patch ids (spec 9.2): the fake side of the similarity loss.
-        result.fresh_query_rows, _ = query_head(result.query_feats, self.cfg.num_patches)
+        fresh_ids = next(draws) if draws is not None else None
+        result.fresh_query_rows, _ = query_head(result.query_feats, self.cfg.num_patches, fresh_ids)
         return result
 
     def extra_g_losses(self, ab: Contrast, ba: Contrast) -> dict[str, torch.Tensor]:

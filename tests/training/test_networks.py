@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from training.nets import MappingF, NLayerDiscriminator, PatchSampleF, ResnetGenerator
@@ -106,6 +107,9 @@ def test_patch_sample_f_with_stored_ids(load_ref):
 def test_patch_sample_f_draws_shared_ids_when_none_given():
     head = PatchSampleF(8)
     feats = [torch.randn(2, 4, 5, 5), torch.randn(2, 6, 20, 20)]
+    with pytest.raises(RuntimeError, match="build"):  # no lazy creation: its optimiser would miss the MLPs
+        head(feats, num_patches=16)
+    head.build([4, 6])
     out, ids = head(feats, num_patches=16)
     assert [i.numel() for i in ids] == [16, 16]
     assert len(set(ids[1].tolist())) == 16  # without replacement

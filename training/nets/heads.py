@@ -17,8 +17,9 @@ class PatchSampleF(nn.Module):
     """Samples patch positions from each feature map and embeds them with a per-level 2-layer MLP.
 
     The MLPs (``mlp_0`` ... ``mlp_{L-1}``, Linear C_l->nc, ReLU, Linear nc->nc) depend on the
-    feature widths, so they are created by :meth:`build` (or on the first forward, as the
-    authors do) before an optimiser or a checkpoint can see them.
+    feature widths, so :meth:`build` must create them before an optimiser or a checkpoint sees the
+    head. The authors create them on the first forward instead (spec 6); here an unbuilt head
+    refuses to run, because an optimiser made before a lazy build would silently never train them.
     """
 
     def __init__(self, nc: int = 256) -> None:
@@ -54,7 +55,7 @@ class PatchSampleF(nn.Module):
             L tensors (B * P_l, nc), image-major, rows L2-normalised; and the ids used.
         """
         if not self.built:
-            self.build([f.shape[1] for f in feats], feats[0].device)
+            raise RuntimeError("PatchSampleF.build() must run before the head is used (and before its optimiser)")
         out, ids_used = [], []
         for level, feat in enumerate(feats):
             b, c, h, w = feat.shape
