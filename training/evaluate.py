@@ -7,16 +7,17 @@ Three feature sets are compared: (a) the translations of ``--inputs``, (b) the u
 the "do nothing" baseline a model has to beat, and (c) the ``--reference`` images of the target
 domain. Reported: FID and KID (mean, std over random subsets) of (a) vs (c) and of (b) vs (c).
 
-Resolution, identical for every set (FID moves with resampling, so it is spelled out and printed):
+Resolution and protocol, identical for every set (FID moves with resampling, so both are printed):
 
-1. Every image (inputs and references alike) is decoded to RGB and resized to ``--size`` x ``--size``
-   with PIL bicubic, ignoring the aspect ratio, as the authors' test script squashes to 256x256.
-   The default size is the model card's ``input.native_size``, the resolution it was trained at.
-2. The resized inputs are translated at that size with the inference core (onnxruntime through
+1. Every image (inputs and references alike) is decoded to RGB. By default it keeps its own size, as
+   pytorch-fid reads the image files. ``--size N`` first squashes each to NxN with PIL bicubic, ignoring
+   the aspect ratio, as the authors' test script does at 256 (a no-op for horse2zebra's 256x256 photos).
+2. The inputs are translated at that size with the inference core (onnxruntime through
    :class:`service.runtime.Engine`, not PyTorch, so the numbers describe what is served); outputs
-   have the same size. The baseline is the resized inputs themselves.
-3. The feature extractor brings all three sets from NxN to its own 299x299 (see
-   :mod:`training.metrics_fid`).
+   have their input's size. The baseline is the inputs themselves.
+3. The feature extractor brings every image to 299x299 under ``--protocol`` (see
+   :mod:`training.metrics_fid`): ``pytorch-fid``, the paper's tool's preprocessing (default), or
+   ``tf-legacy``, the original TF graph's.
 
 Exit status: 0 done; 1 an image could not be read; 2 usage error (bad arguments, invalid model or
 direction, fewer than two images in a folder, Inception weights not installed). With ``--json``
@@ -45,6 +46,7 @@ from service.translate import DEFAULT_MAX_PIXELS, device_arg, list_images, posit
 from training.metrics_fid import (
     INCEPTION_FEATURES,
     INCEPTION_SIZE,
+    PROTOCOLS,
     FeatureExtractor,
     InceptionWeightsError,
     fid,
@@ -73,9 +75,10 @@ class Evaluation:
     direction: str
     n_inputs: int
     n_reference: int
-    resolution: int
+    resolution: int | None  # None: every image at its own size
     feature_resolution: int
     features: str
+    protocol: str
     kid_subsets: int
     kid_subset_size: int
     fid: float
@@ -96,8 +99,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--reference", required=True, type=Path, help="target-domain images, e.g. testB")
     parser.add_argument(
         "--size", type=positive_int, default=None,
-        help="every image is resized to SIZExSIZE before translation and features "
-        "(default: the model card's native_size)",
+        help="squash every image to SIZExSIZE (bicubic) before translation and features, as the authors' "
+        "test script does at 256 (default: every image at its own size)",
+    )
+    parser.add_argument(
+        "--protocol", choices=list(PROTOCOLS), default="pytorch-fid",
+        help="Inception preprocessing: pytorch-fid's (the paper's FID tool) or the TF graph's (tf-legacy)",
     )
     parser.add_argument("--batch-size", type=positive_int, default=8, help="images per network run")
     parser.add_argument("--kid-subsets", type=positive_int, default=100, help="random subsets for KID")
@@ -111,8 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def load_resized(paths: Sequence[Path], size: int) -> list[Image.Image]:
-    """Decode ``paths`` to RGB and squash each to ``size`` x ``size`` (bicubic, aspect ratio ignored).
+def load_images(paths: Sequence[Path], size: int | None) -> list[Image.Image]:
+    """Decode ``paths`` to RGB; with ``size``, squash each to ``size`` x ``size`` (bicubic, aspect ratio ignored).
 
     Raises:
         ImageError: naming the file; a score over a silently smaller set would not be comparable.
@@ -123,13 +130,8 @@ def load_resized(paths: Sequence[Path], size: int) -> list[Image.Image]:
             img = decode_image(path.read_bytes(), max_pixels=DEFAULT_MAX_PIXELS)
         except ImageError as exc:
             raise ImageError(f"{path}: {exc}") from exc
-        images.append(img.resize((size, size), Image.Resampling.BICUBIC))
+        images.append(img if size is None else img.resize((size, size), Image.Resampling.BICUBIC))
     return images
-
-
-def stack(images: Sequence[Image.Image]) -> np.ndarray:
-    """(N, H, W, 3) uint8, the extractor's input."""
-    return np.stack([np.asarray(img, dtype=np.uint8) for img in images])
 
 
 def evaluate(
@@ -139,29 +141,30 @@ def evaluate(
     reference: Sequence[Image.Image],
     extract: FeatureExtractor,
     *,
+    resolution: int | None,
+    protocol: str,
     kid_subsets: int = 100,
     kid_subset_size: int = 100,
     seed: int = 0,
 ) -> Evaluation:
-    """Translate ``inputs`` (already resized, all one size) and score them and the baseline.
+    """Translate ``inputs`` and score them and the baseline.
 
     Args:
         engine: the model folder opened with ``direction``.
-        inputs, reference: RGB images, all ``N`` x ``N`` (see :func:`load_resized`).
-        extract: ``(n, N, N, 3)`` uint8 -> ``(n, D)`` features; :func:`training.metrics_fid.load_inception`
+        inputs, reference: RGB images as :func:`load_images` made them.
+        extract: RGB uint8 arrays -> ``(n, D)`` features; :func:`training.metrics_fid.load_inception`
             for reported numbers, a cheap stand-in in tests.
+        resolution, protocol: how the images were sized and how the extractor preprocesses them, recorded.
 
     Both KID computations draw the same subsets (same seed), so their difference is not sampling noise.
     """
-    size = inputs[0].width
     started = time.perf_counter()
     translated = engine.translate(inputs, direction)
-    elapsed = time.perf_counter() - started
-    logger.info("translated %d images at %dx%d in %.1f s", len(inputs), size, size, elapsed)
+    logger.info("translated %d images in %.1f s", len(inputs), time.perf_counter() - started)
     features: dict[str, np.ndarray] = {}
     for name, images in (("translated", translated), ("baseline", inputs), ("reference", reference)):
         started = time.perf_counter()
-        features[name] = extract(stack(images))
+        features[name] = extract([np.asarray(img, dtype=np.uint8) for img in images])
         logger.info("%s: %s features in %.1f s", name, features[name].shape, time.perf_counter() - started)
     ref = features["reference"]
     kid_args = {"n_subsets": kid_subsets, "subset_size": kid_subset_size, "seed": seed}
@@ -175,9 +178,10 @@ def evaluate(
         direction=direction,
         n_inputs=len(inputs),
         n_reference=len(reference),
-        resolution=size,
+        resolution=resolution,
         feature_resolution=INCEPTION_SIZE,
         features=INCEPTION_FEATURES,
+        protocol=protocol,
         kid_subsets=kid_subsets,
         kid_subset_size=subset_size,
         fid=fid(features["translated"], ref),
@@ -189,11 +193,14 @@ def evaluate(
 
 def format_table(result: Evaluation) -> str:
     """The human-readable report: what was compared, at which resolution, and the two rows."""
+    size = "each image at its own size" if result.resolution is None else (
+        f"every image squashed to {result.resolution}x{result.resolution} (bicubic)"
+    )
     rows = [
         f"model {result.model} v{result.version}, direction {result.direction}: "
         f"{result.n_inputs} inputs vs {result.n_reference} reference images",
-        f"resolution: every image squashed to {result.resolution}x{result.resolution} (bicubic), "
-        f"then {result.feature_resolution}x{result.feature_resolution} for the features ({result.features})",
+        f"resolution: {size}, then {result.feature_resolution}x{result.feature_resolution} for the features "
+        f"by the {result.protocol} protocol ({PROTOCOLS[result.protocol]}); {result.features}",
         f"KID: {result.kid_subsets} subsets of {result.kid_subset_size}",
         "",
         f"{'':<22}{'FID':>10}{'KID mean':>12}{'KID std':>12}",
@@ -224,15 +231,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Explicit: torch's default may count every core of the host, not those this process may use.
     torch.set_num_threads(threads)
     try:
-        extract = load_inception(args.device, args.batch_size)  # before the slow part: fail fast
+        extract = load_inception(args.device, args.batch_size, args.protocol)  # before the slow part: fail fast
     except InceptionWeightsError as exc:
         logger.error("%s", exc)
         return 2
-    size = args.size or model.card.input.native_size
-    logger.info("resolution: %d (bicubic squash to NxN), then %d for the features", size, INCEPTION_SIZE)
+    logger.info(
+        "resolution: %s, then %d for the features (%s protocol)",
+        "own size" if args.size is None else f"{args.size}x{args.size} bicubic squash", INCEPTION_SIZE, args.protocol,
+    )
     try:
-        inputs = load_resized(files["--inputs"], size)
-        reference = load_resized(files["--reference"], size)
+        inputs = load_images(files["--inputs"], args.size)
+        reference = load_images(files["--reference"], args.size)
     except (ImageError, OSError) as exc:
         logger.error("cannot read an image: %s", exc)
         return 1
@@ -244,7 +253,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         batch_size=args.batch_size,
     )
     result = evaluate(
-        engine, args.direction, inputs, reference, extract,
+        engine, args.direction, inputs, reference, extract, resolution=args.size, protocol=args.protocol,
         kid_subsets=args.kid_subsets, kid_subset_size=args.kid_subset_size, seed=args.seed,
     )
     sys.stdout.write(json.dumps(asdict(result)) + "\n" if args.json else format_table(result))

