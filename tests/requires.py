@@ -7,7 +7,9 @@ A user's fresh clone may lack them, and then the test skips with the printed rea
 
 from __future__ import annotations
 
+import importlib
 import os
+from types import ModuleType
 from typing import NoReturn
 
 import pytest
@@ -22,3 +24,11 @@ def unavailable(reason: str, allow_module_level: bool = False) -> NoReturn:
     if in_ci():
         pytest.fail(f"required in CI but unavailable: {reason}", pytrace=False)
     pytest.skip(reason, allow_module_level=allow_module_level)
+
+
+def require_module(name: str, hint: str, allow_module_level: bool = False) -> ModuleType:
+    """``import name``, or :func:`unavailable` with ``hint`` (how to install it) when it is missing."""
+    try:
+        return importlib.import_module(name)
+    except ImportError as exc:
+        unavailable(f"{name} cannot be imported ({exc}): {hint}", allow_module_level=allow_module_level)

@@ -5,7 +5,7 @@ rewritten to the test server and a 1 s scrape interval. `python -m service` runs
 generator; Prometheus scrapes it; the test sends translate requests and reads the request counter, a
 latency quantile and every Grafana dashboard query back through Prometheus's HTTP API. Everything
 listens on 127.0.0.1, every wait is bounded, and both processes are stopped in `finally`.
-Skipped only when the prometheus or promtool binary is missing.
+Skipped only when the prometheus or promtool binary is missing, and then only outside CI (``tests/requires.py``).
 """
 
 from __future__ import annotations
@@ -33,15 +33,13 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from service.repository import Provenance
 from tests.deploy.common import REPO_ROOT, dashboard_queries, find_tool
+from tests.requires import require_module, unavailable
 
 pytestmark = pytest.mark.slow
 
 PROMETHEUS, PROMTOOL = find_tool("prometheus"), find_tool("promtool")
 if PROMETHEUS is None or PROMTOOL is None:
-    pytest.skip(
-        "prometheus/promtool not installed (Debian: apt-get install prometheus; .ci/run installs it)",
-        allow_module_level=True,
-    )
+    unavailable("prometheus/promtool not installed (Debian: apt-get install prometheus; .ci/run installs it)", True)
 
 REPO_CONFIG = REPO_ROOT / "deploy" / "prometheus" / "prometheus.yml"
 DIRECTION = "a2b"
@@ -103,7 +101,7 @@ def png(size: int, seed: int) -> bytes:
 @pytest.fixture(scope="module")
 def models(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A repository with one tiny random generator (direction a2b), exported the way `dclgan export` does."""
-    pytest.importorskip("torch")
+    require_module("torch", "pip install -e '.[train]'")
     from training.export import export_model
     from training.nets import ResnetGenerator
 

@@ -3,7 +3,8 @@
 Playwright's pip wheel carries only its driver; the browser is the system's ``chromium`` (never one that
 ``playwright install`` downloads). The server is ``python -m service`` over the tiny exported model, and
 every request the page makes to anywhere else is aborted and fails the test: the page works offline.
-Skipped, with the reason printed, only when chromium or playwright is missing.
+Skipped, with the reason printed, only when chromium or playwright is missing, and then only outside CI
+(``tests/requires.py``).
 
 ``DCLGAN_UPDATE_SCREENSHOT=1`` also copies the screenshot of a translation to ``docs/try-it.png``.
 """
@@ -21,14 +22,13 @@ import pytest
 from PIL import Image
 
 from tests.e2e.conftest import Server, run_server
+from tests.requires import require_module, unavailable
 from tests.service.conftest import ImageFactory
 
 CHROMIUM = shutil.which("chromium")
 if CHROMIUM is None:
-    pytest.skip("chromium not installed (Debian: apt-get install chromium)", allow_module_level=True)
-playwright = pytest.importorskip(
-    "playwright.sync_api", reason="playwright not installed (pip install playwright; no `playwright install`)"
-)
+    unavailable("chromium not installed (Debian: apt-get install chromium; .ci/run installs it)", True)
+playwright = require_module("playwright.sync_api", "pip install -e '.[dev]' (never `playwright install`)", True)
 
 pytestmark = pytest.mark.slow
 REPO_ROOT = Path(__file__).resolve().parents[2]

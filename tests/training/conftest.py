@@ -8,7 +8,9 @@ from typing import Any
 
 import pytest
 
-torch = pytest.importorskip("torch")
+from tests.requires import require_module
+
+torch = require_module("torch", "pip install -e '.[train]'", allow_module_level=True)
 
 
 @pytest.fixture(autouse=True)
@@ -64,6 +66,8 @@ def tiny_config(dataroot: Path, checkpoints: Path, name: str = "tiny", **overrid
         n_epochs=1,
         n_epochs_decay=1,
         threads=1,
+        amp="none",
+        print_freq=1,
         sample_freq=2,
         save_latest_freq=100,
         model=model,

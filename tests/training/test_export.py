@@ -11,6 +11,7 @@ import torch
 
 from service.repository import load_model_dir
 from service.runtime import OnnxRunner, create_session
+from tests.requires import require_module
 from training.export import ExportError, import_official_main, infer_architecture
 from training.export import main as export_main
 
@@ -102,7 +103,7 @@ def test_export_from_training_checkpoint(tiny_run, tmp_path):
 
 
 def test_fp16_variant_is_close(tiny_run, tmp_path):
-    pytest.importorskip("onnxconverter_common")
+    require_module("onnxconverter_common", "pip install -e '.[fp16]'")
     from service.repository import Provenance
     from training.export import export_model, fp16_psnr
 
