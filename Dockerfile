@@ -1,5 +1,3 @@
-# syntax=docker/dockerfile:1
-#
 # dclgan-serve: the HTTP service only (service/ over onnxruntime). No torch and no training code:
 # the image installs the project's `serve` extra, never `train`.
 #
@@ -7,6 +5,15 @@
 #   docker build --build-arg VARIANT=cpu -t dclgan-serve:cpu .  # python:3.11-slim, onnxruntime CPU wheel
 #   docker run --rm --gpus all -p 127.0.0.1:8000:8000 dclgan-serve:gpu
 #   docker run --rm -p 127.0.0.1:8000:8000 -v "$PWD/models:/app/models:ro" dclgan-serve:cpu
+#
+# BuildKit is needed (Docker >= 23 uses it by default; DOCKER_BUILDKIT=1 before): the legacy builder
+# would build every stage, the unused base included. There is no `# syntax=` line on purpose: the
+# builder's own Dockerfile frontend is enough, and a syntax line would make BuildKit fetch a frontend
+# image first, which fails on a machine that reaches no image registry.
+#
+# Behind a TLS-intercepting proxy, give pip the proxy's CA bundle as a build secret: it is mounted
+# only while pip runs and never stored in a layer of the image.
+#   docker build --secret id=pip_cert,src=/etc/ssl/certs/ca-certificates.crt ...
 #
 # Stages: python-gpu / python-cpu are the runtime bases (an interpreter and nothing else); venv
 # pip-installs the service into /opt/venv on the chosen base (sources and pip's work stay behind); the
@@ -47,7 +54,9 @@ COPY pyproject.toml ./
 # Dependencies first, in their own layer, so that editing service/ does not download them again: the
 # base and serve requirements read from pyproject. The CPU image swaps onnxruntime-gpu (about 255 MB)
 # for the CPU wheel of the same versions (both install the `onnxruntime` module: only one may be present).
-RUN python3 -m venv /opt/venv \
+RUN --mount=type=secret,id=pip_cert \
+    if [ -s /run/secrets/pip_cert ]; then export PIP_CERT=/run/secrets/pip_cert; fi \
+    && python3 -m venv /opt/venv \
     && python3 -c "import os, tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
 cpu = os.environ['VARIANT'] == 'cpu'; serve = p['optional-dependencies']['serve']; \
 print('\n'.join(p['dependencies'] + [r.replace('onnxruntime-gpu', 'onnxruntime') if cpu else r for r in serve]))" \
@@ -57,7 +66,10 @@ print('\n'.join(p['dependencies'] + [r.replace('onnxruntime-gpu', 'onnxruntime')
 # packaged. The `dclgan` console script (training.cli) is therefore broken here: use `python -m service`.
 COPY README.md ./
 COPY service/ service/
-RUN /opt/venv/bin/pip install --no-cache-dir --no-deps .
+# Building the package fetches its build backend (setuptools), hence the CA secret here too.
+RUN --mount=type=secret,id=pip_cert \
+    if [ -s /run/secrets/pip_cert ]; then export PIP_CERT=/run/secrets/pip_cert; fi \
+    && /opt/venv/bin/pip install --no-cache-dir --no-deps .
 
 # --- the image --------------------------------------------------------------------------------
 # hadolint ignore=DL3006
