@@ -155,21 +155,23 @@ def onnxruntime_check(
     plan: Plan, paths: dict[str, Path], images: np.ndarray, reference: np.ndarray, report: Report
 ) -> bool:
     """Provider really used, parity with the CPU, throughput. False if any check failed."""
-    from service.runtime import CPU, CUDA, OnnxRunner, create_session
+    from service.repository import load_model_dir
+    from service.runtime import CPU, CUDA, RunnerConfig, open_runner
     from training.export import psnr
 
     wanted = CPU if plan.device == "cpu" else CUDA
     report.add(f"## onnxruntime on {plan.device}", "")
     ok, parity, speed = True, [], []
-    for precision, path in paths.items():
-        session = create_session(path, device=plan.device, require_gpu=True)
-        got = session.get_providers()
+    model = load_model_dir(paths["float32"].parent)
+    for precision in paths:
+        # The service's own runner factory and defaults, so this measures what is served.
+        runner = open_runner(model, DIRECTION, RunnerConfig(device=plan.device, precision=precision))  # type: ignore[arg-type]
+        got = runner.session.get_providers()
         used = got[0] == wanted
         ok &= used
         report.add(
             f"- {precision}: session providers {got}: {wanted} {'in use' if used else '**NOT in use: FAIL**'}"
         )
-        runner = OnnxRunner(session, device=plan.device)
         out = runner.run(images)
         db, diff = psnr(reference, out), float(np.abs(out - reference).max())
         passed = db >= MIN_PSNR_DB[precision]

@@ -26,7 +26,9 @@ def main() -> None:
     p.add_argument("--direction", required=True)
     p.add_argument("--inputs", type=Path, required=True)
     p.add_argument("--count", type=int, default=6)
-    p.add_argument("--size", type=int, default=128, help="working and thumbnail size (squashed, like the test protocol)")
+    p.add_argument(
+        "--size", type=int, default=128, help="working and thumbnail size (squashed, like the test protocol)"
+    )
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args()
     files = list_images(args.inputs)[: args.count]

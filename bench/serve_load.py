@@ -34,7 +34,7 @@ from PIL import Image
 from service.config import Settings
 from service.imaging import to_input
 from service.repository import load_model_dir
-from service.runtime import OnnxRunner
+from service.runtime import OnnxRunner, RunnerConfig, open_runner
 
 
 def emit(line: str) -> None:
@@ -154,13 +154,16 @@ def main() -> None:
 
     model = load_model_dir((args.models_dir or settings.models_dir) / name)
     contract = model.card.input
-    runner = OnnxRunner.open(
-        model.path(args.direction, settings.precision),
-        device=settings.devices[0],
-        intra_op_threads=settings.intra_op_threads or None,
-        require_gpu=settings.require_gpu,
-        input_name=contract.input_name,
-        output_name=contract.output_name,
+    runner = open_runner(
+        model,
+        args.direction,
+        RunnerConfig(
+            device=settings.devices[0],
+            precision=settings.precision,
+            intra_op_threads=settings.intra_op_threads or None,
+            require_gpu=settings.require_gpu,
+            conv_algo_search=settings.cudnn_conv_algo_search,
+        ),
     )
     prepared = to_input(
         image, max_side=settings.max_side, multiple_of=contract.multiple_of, min_size=contract.min_size

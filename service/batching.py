@@ -1,9 +1,16 @@
-"""Dynamic batching for one direction: a thread-safe bounded queue and Triton-style batch formation.
+"""Dynamic batching for one direction: a thread-safe bounded queue and its one scheduler.
 
 The event loop calls :meth:`Batcher.submit`, which never blocks: it returns a
-``concurrent.futures.Future`` or raises ``QueueFull``. Worker threads block in
+``concurrent.futures.Future`` or raises ``QueueFull``. Free worker instances call
 :meth:`Batcher.next_batch`, which returns up to ``max_batch_size`` queued images of *one shape*
 (oldest first), waiting at most ``max_delay_s`` after the oldest one arrived for more to come.
+
+One scheduler per direction, as Triton's dynamic batcher: batches are formed one at a time, under a
+lock, by whichever free instance holds it, and handed to that instance; other free instances wait for
+the lock, not for items. Busy instances take no part. So while one batch waits for company, no other
+instance takes the items it is waiting for: several instances never split a batch (with a per-worker
+batch formation, two idle instances and a queue delay halved every batch). A scheduler thread
+handing batches over would do the same with one more thread and a hand-off per batch.
 With ``max_delay_s == 0`` (the default) it batches whatever is already queued and never waits: on a
 compute-bound CPU, waiting for company costs more than batching gains. ``max_batch_pixels`` caps
 N x H x W, so that large images batch less (an image over the cap still runs, alone): runtime
@@ -106,6 +113,7 @@ class Batcher:
         self._clock = clock
         self._queue: deque[WorkItem] = deque()
         self._cond = threading.Condition()
+        self._forming = threading.Lock()  # the scheduler: one batch is formed at a time
         self._closed = False
 
     def ensure_room(self) -> None:
@@ -170,13 +178,18 @@ class Batcher:
         expired ones fail with ``DeadlineExceeded``; neither is computed.
         """
         give_up = None if timeout_s is None else self._clock() + timeout_s
-        while True:
-            items = self._collect(give_up)
-            if items is None:
-                return None
-            batch = self._start(items)
-            if batch is not None:
-                return batch
+        if not self._forming.acquire(timeout=-1 if timeout_s is None else timeout_s):
+            return None
+        try:
+            while True:
+                items = self._collect(give_up)
+                if items is None:
+                    return None
+                batch = self._start(items)
+                if batch is not None:
+                    return batch
+        finally:
+            self._forming.release()
 
     def _collect(self, give_up: float | None) -> list[WorkItem] | None:
         """Take the next batch's items off the queue; ``None`` if closed and empty or past ``give_up``."""

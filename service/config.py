@@ -12,17 +12,35 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 _DEVICE = re.compile(r"^(cpu|cuda:\d+)$")
+MiB = 1024 * 1024
+# Measured best per device kind (docs/benchmarks.md): on CPUs a batch costs ~9% more per image than
+# single images; on GPUs batches of 8 pay.
+CPU_MAX_BATCH_SIZE, GPU_MAX_BATCH_SIZE = 1, 8
 
 
 def _split_commas(value: object) -> object:
-    """``"a, b"`` -> ``["a", "b"]``; lists (from code or JSON) pass through unchanged."""
+    """``"a, b"`` -> ``["a", "b"]``; ``""`` -> ``[]``; lists (from code or JSON) pass through unchanged.
+
+    A blank item (``" , "``, ``"a,,b"``, a trailing comma) is an error, not skipped: skipping it turned
+    ``DCLGAN_API_KEYS=' , '`` into "no keys", which silently switched authentication off.
+    """
     if isinstance(value, str):
-        return [part.strip() for part in value.split(",") if part.strip()]
+        if not value.strip():
+            return []
+        parts = [part.strip() for part in value.split(",")]
+        if not all(parts):
+            raise ValueError("has an empty item (a blank value or a stray comma)")
+        return parts
     return value
+
+
+def _devices_are_cpu(devices: object) -> bool:
+    listed = _split_commas(devices) if isinstance(devices, str) else devices
+    return isinstance(listed, list) and all(str(d).strip() == "cpu" for d in listed)
 
 
 class Settings(BaseSettings):
@@ -52,7 +70,11 @@ class Settings(BaseSettings):
     precision: Literal["float32", "float16"] = Field(
         "float32", description="which ONNX file of each direction"
     )
-    max_batch_size: int = Field(8, ge=1, description="most images one inference call takes")
+    max_batch_size: int = Field(
+        CPU_MAX_BATCH_SIZE,
+        ge=1,
+        description="most images one inference call takes (default 1 when every device is a CPU, else 8)",
+    )
     max_batch_pixels: int = Field(
         8 * 256 * 256, ge=1, description="most pixels (N x H x W) per batch; a larger image runs alone"
     )
@@ -60,6 +82,25 @@ class Settings(BaseSettings):
         0.0, ge=0, description="how long a partial batch waits for company (0: batch what is queued)"
     )
     max_queue_size: int = Field(64, ge=1, description="queued images per direction before rejecting")
+    max_inflight_requests: int = Field(
+        64, ge=1, description="translate requests admitted at once (reading, decoding, queued, encoding); more: 503"
+    )
+    max_request_memory_bytes: int = Field(
+        512 * MiB,
+        ge=MiB,
+        description="memory that request bodies and decoded images may hold at once; a request that would "
+        "exceed it gets 503 (413 if it alone would)",
+    )
+    io_threads: int = Field(0, ge=0, description="threads decoding and encoding images (0: one per core)")
+    batch_timeout_s: float = Field(
+        120.0, gt=0, description="a batch running longer fails its requests (504) and marks its instance unhealthy"
+    )
+    header_timeout_s: float = Field(10.0, gt=0, description="time a client has to send its request headers")
+    body_timeout_s: float = Field(60.0, gt=0, description="time a client has to send its whole request body")
+    keep_alive_s: float = Field(5.0, gt=0, description="idle keep-alive connections are closed after this")
+    max_connections: int = Field(
+        512, ge=1, description="open connections at once; more are closed at once (file descriptors are finite)"
+    )
     queue_full_status: int = Field(503, description="status when the queue is full: 503 or 429")
     retry_after_s: int = Field(1, ge=0, description="`Retry-After` seconds sent with 429/503")
     request_timeout_s: float = Field(
@@ -85,6 +126,31 @@ class Settings(BaseSettings):
 
     _split = field_validator("devices", "api_keys", "cors_origins", mode="before")(_split_commas)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _batch_size_for_the_devices(cls, data: object) -> object:
+        if isinstance(data, dict) and data.get("max_batch_size") in (None, ""):
+            data = {k: v for k, v in data.items() if k != "max_batch_size"}
+            cpu = _devices_are_cpu(data.get("devices", "cpu"))
+            data["max_batch_size"] = CPU_MAX_BATCH_SIZE if cpu else GPU_MAX_BATCH_SIZE
+        return data
+
+    @model_validator(mode="after")
+    def _possible_limits(self) -> Settings:
+        """Limits that contradict each other are refused at start, not discovered by a client."""
+        largest = self.max_pixels * 12 + min(self.max_pixels, self.max_side**2) * 48
+        if largest > self.max_request_memory_bytes:
+            raise ValueError(
+                f"max_request_memory_bytes ({self.max_request_memory_bytes}) cannot hold one image of max_pixels "
+                f"({self.max_pixels}), which needs about {largest} bytes: raise it or lower max_pixels"
+            )
+        if 2 * self.max_upload_bytes > self.max_request_memory_bytes:
+            raise ValueError(
+                f"max_request_memory_bytes ({self.max_request_memory_bytes}) must hold twice max_upload_bytes "
+                f"({self.max_upload_bytes}), a body while it is joined"
+            )
+        return self
+
     @field_validator("devices")
     @classmethod
     def _known_devices(cls, value: list[str]) -> list[str]:
@@ -105,6 +171,16 @@ class Settings(BaseSettings):
     @property
     def max_queue_delay_s(self) -> float:
         return self.max_queue_delay_ms / 1000.0
+
+
+def describe_invalid(exc: ValidationError) -> str:
+    """A configuration error as one line naming the variables: ``DCLGAN_API_KEYS: has an empty item``."""
+    parts = []
+    for error in exc.errors():
+        loc = ".".join(str(p) for p in error.get("loc", ()) if not isinstance(p, int))
+        name = f"DCLGAN_{loc.upper()}: " if loc else ""
+        parts.append(f"{name}{error.get('msg', 'invalid').removeprefix('Value error, ')}")
+    return "; ".join(parts)
 
 
 @lru_cache(maxsize=1)

@@ -10,16 +10,23 @@ Exception tree (``status`` is the HTTP code, ``error`` the stable machine-readab
      +-- PayloadTooLarge             413 payload_too_large      body over max_upload_bytes
      +-- UnsupportedMediaType        415 unsupported_media_type neither multipart nor image/*
      +-- MissingImage                422 validation_error       no file in the expected form field
+     +-- RequestTimeout              408 request_timeout        the body did not arrive in time
      +-- Unavailable                 503 (+ Retry-After)
-     |    +-- NotReady               503 not_ready              starting, draining or failed
+     |    +-- NotReady               503 not_ready              starting, draining, failed or cut off by the drain
      |    +-- QueueFull              503 or 429 queue_full      bounded queue full (``queue_full_status``)
+     |    +-- Overloaded             503 or 429 overloaded      in-flight or decoded-memory cap reached
      +-- ClientDisconnected          499 client_closed_request  the client left; its queued work was dropped
      +-- DeadlineExceeded            504 deadline_exceeded      still queued at its deadline, never computed
+     |    +-- BatchTimedOut          504 batch_timeout          its batch ran past ``batch_timeout_s``
      +-- InferenceFailed             500 inference_failed       the runner raised or returned a wrong batch
 
 Image errors from :mod:`service.imaging` map to 415 ``unsupported_image``, 400 ``corrupt_image`` and
 413 ``image_too_large``. Anything else is a 500 ``internal_error`` whose body carries the request id,
-never a traceback (the traceback goes to the log).
+never a traceback (the traceback goes to the log). Details are the service's own sentences: library
+messages and exception text stay in the log.
+
+Pure Python (no FastAPI/Starlette): the batcher and the workers raise these too;
+:mod:`service.api.handlers` turns them into responses.
 """
 
 from __future__ import annotations
@@ -27,12 +34,6 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from typing import Any
-
-from fastapi import FastAPI, Request
-from fastapi.encoders import jsonable_encoder
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
-from starlette.exceptions import HTTPException
 
 from service.imaging import CorruptImage, ImageError, ImageTooLarge, UnsupportedImage
 
@@ -74,6 +75,10 @@ class MissingImage(ServiceError):
     status, error = 422, "validation_error"
 
 
+class RequestTimeout(ServiceError):
+    status, error = 408, "request_timeout"
+
+
 class Unavailable(ServiceError):
     """Try again later: always sent with ``Retry-After``."""
 
@@ -88,6 +93,12 @@ class QueueFull(Unavailable):
     error = "queue_full"
 
 
+class Overloaded(Unavailable):
+    """Too many requests in flight, or not enough of the decoded-memory budget left for this image."""
+
+    error = "overloaded"
+
+
 class ClientDisconnected(ServiceError):
     """Nobody reads this response; 499 (nginx's code) only labels it in the metrics and the access log."""
 
@@ -96,6 +107,10 @@ class ClientDisconnected(ServiceError):
 
 class DeadlineExceeded(ServiceError):
     status, error = 504, "deadline_exceeded"
+
+
+class BatchTimedOut(DeadlineExceeded):
+    error = "batch_timeout"
 
 
 class InferenceFailed(ServiceError):
@@ -129,45 +144,19 @@ class ErrorInfo:
     def body(self) -> dict[str, Any]:
         return {"error": self.error, "detail": self.detail}
 
-    def response(self) -> JSONResponse:
-        return JSONResponse(jsonable_encoder(self.body()), status_code=self.status, headers=self.headers)
-
 
 def describe(exc: BaseException, policy: ErrorPolicy, request_id: str = "") -> ErrorInfo:
     """Map any exception to what the client sees; shared by the handlers and the per-item batch results."""
     if isinstance(exc, ServiceError):
-        status = policy.queue_full_status if isinstance(exc, QueueFull) else exc.status
+        status = policy.queue_full_status if isinstance(exc, QueueFull | Overloaded) else exc.status
         headers = {"Retry-After": str(policy.retry_after_s)} if isinstance(exc, Unavailable) else {}
         if isinstance(exc, Unauthorized):
             headers["WWW-Authenticate"] = "Bearer"
+        if isinstance(exc, RequestTimeout | PayloadTooLarge):
+            headers["Connection"] = "close"  # the rest of the body is never read: the connection is spent
         return ErrorInfo(status, exc.error, str(exc), headers)
     for kind, (status, error) in _IMAGE_ERRORS.items():
         if isinstance(exc, kind):
             return ErrorInfo(status, error, str(exc), {})
     suffix = f" (request id {request_id})" if request_id else ""
     return ErrorInfo(500, "internal_error", f"internal server error{suffix}", {})
-
-
-def install_error_handlers(app: FastAPI, policy: ErrorPolicy) -> None:
-    """Make every error, including FastAPI's own 404/405/422, a JSON body (``RequestContextMiddleware``
-    does the same for exceptions that no handler takes)."""
-
-    def request_id(request: Request) -> str:
-        return str(getattr(request.state, "request_id", ""))
-
-    async def service_error(request: Request, exc: Exception) -> JSONResponse:
-        return describe(exc, policy, request_id(request)).response()
-
-    async def http_error(request: Request, exc: Exception) -> JSONResponse:
-        assert isinstance(exc, HTTPException)
-        error = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        return ErrorInfo(exc.status_code, error, exc.detail, dict(exc.headers or {})).response()
-
-    async def validation_error(request: Request, exc: Exception) -> JSONResponse:
-        assert isinstance(exc, RequestValidationError)
-        return ErrorInfo(422, "validation_error", exc.errors(), {}).response()
-
-    app.add_exception_handler(ServiceError, service_error)
-    app.add_exception_handler(ImageError, service_error)
-    app.add_exception_handler(HTTPException, http_error)
-    app.add_exception_handler(RequestValidationError, validation_error)

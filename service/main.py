@@ -18,21 +18,23 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import numpy as np
-from anyio import to_thread
+from anyio import CapacityLimiter, to_thread
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi_offline import FastAPIOffline
 from prometheus_client import CollectorRegistry
 
+from service.admission import MemoryBudget
 from service.api import page
+from service.api.handlers import install_error_handlers
 from service.api.middleware import BodyLimitMiddleware, RequestContextMiddleware
 from service.api.routes import router, translate_router
 from service.batching import Batcher
 from service.config import Settings, get_settings
-from service.errors import ErrorPolicy, install_error_handlers
+from service.errors import ErrorPolicy
 from service.metrics import build_metrics
 from service.repository import InputContract, LoadedModel, ModelRepositoryError, scan_repository
-from service.runtime import OnnxRunner, ProviderUnavailable
+from service.runtime import ProviderUnavailable, RunnerConfig, default_threads, open_runner, threads_per_session
 from service.state import AppState, Phase, ServedDirection
 from service.workers import DeviceRunner, DirectionPlan, WorkerPool
 
@@ -48,22 +50,25 @@ _DESCRIPTION = (
 )
 
 
-def onnx_runner_factory(settings: Settings) -> RunnerFactory:
-    """Runners over onnxruntime sessions, configured from ``settings``."""
+def onnx_runner_factory(settings: Settings, *, cpu_sessions: int) -> RunnerFactory:
+    """Runners over onnxruntime sessions (:func:`service.runtime.open_runner`), configured from ``settings``.
 
-    def open_runner(model: LoadedModel, direction: str, device: str) -> DeviceRunner:
-        contract = model.card.input
-        return OnnxRunner.open(
-            model.path(direction, settings.precision),
+    ``cpu_sessions``: how many CPU sessions the pool opens; with ``intra_op_threads=0`` they share the
+    usable cores out instead of each taking all of them.
+    """
+    threads = settings.intra_op_threads or threads_per_session(cpu_sessions)
+
+    def open_onnx(model: LoadedModel, direction: str, device: str) -> DeviceRunner:
+        config = RunnerConfig(
             device=device,
-            intra_op_threads=settings.intra_op_threads or None,
+            precision=settings.precision,
+            intra_op_threads=threads,
             require_gpu=settings.require_gpu,
             conv_algo_search=settings.cudnn_conv_algo_search,
-            input_name=contract.input_name,
-            output_name=contract.output_name,
         )
+        return open_runner(model, direction, config)
 
-    return open_runner
+    return open_onnx
 
 
 def warmup_input(contract: InputContract) -> np.ndarray:
@@ -72,14 +77,20 @@ def warmup_input(contract: InputContract) -> np.ndarray:
     return np.random.default_rng(0).uniform(-1, 1, (1, 3, side, side)).astype(np.float32)
 
 
-def start(state: AppState, open_runner: RunnerFactory) -> None:
-    """Load the repository, build a batcher per direction and start the worker pool (blocking)."""
+def start(state: AppState, runner_factory: RunnerFactory | None) -> None:
+    """Load the repository, build a batcher per direction and start the worker pool (blocking).
+
+    ``runner_factory``: ``None`` for onnxruntime sessions (:func:`onnx_runner_factory`).
+    """
     settings = state.settings
     models = scan_repository(settings.models_dir)
     if not models:
         raise ModelRepositoryError(
             f"no model in {settings.models_dir.resolve()} (expected <name>/model.json)"
         )
+    if runner_factory is None:
+        per_device = sum(len(m.card.directions) for m in models) * settings.instances_per_device
+        runner_factory = onnx_runner_factory(settings, cpu_sessions=per_device * settings.devices.count("cpu"))
     directions: dict[str, ServedDirection] = {}
     plans = []
     for model in models:
@@ -99,7 +110,7 @@ def start(state: AppState, open_runner: RunnerFactory) -> None:
                 DirectionPlan(
                     name=spec.name,
                     batcher=batcher,
-                    open_runner=functools.partial(open_runner, model, spec.name),
+                    open_runner=functools.partial(runner_factory, model, spec.name),
                     warmup_input=warmup_input(model.card.input),
                 )
             )
@@ -108,6 +119,7 @@ def start(state: AppState, open_runner: RunnerFactory) -> None:
         devices=settings.devices,
         instances_per_device=settings.instances_per_device,
         observer=state.metrics,
+        batch_timeout_s=settings.batch_timeout_s,
     )
     pool.start()
     _watch(state, directions, pool)
@@ -126,6 +138,7 @@ def _watch(state: AppState, directions: dict[str, ServedDirection], pool: Worker
         metrics.watch(metrics.busy_instances, functools.partial(pool.busy_count, device), device)
         metrics.watch(metrics.instances, functools.partial(pool.instance_count, device), device)
     metrics.watch(metrics.inflight_requests, lambda: state.inflight)
+    metrics.watch(metrics.request_memory_bytes, lambda: state.budget.used)
     metrics.watch(metrics.ready, lambda: float(state.phase is Phase.READY))
     for inst in pool.instances:
         card = directions[inst.direction.name].model.card
@@ -166,13 +179,18 @@ def create_app(settings: Settings | None = None, *, runner_factory: RunnerFactor
     """
     settings = settings or get_settings()
     policy = ErrorPolicy(queue_full_status=settings.queue_full_status, retry_after_s=settings.retry_after_s)
-    state = AppState(settings=settings, metrics=build_metrics(CollectorRegistry()), policy=policy)
-    open_runner = runner_factory or onnx_runner_factory(settings)
+    state = AppState(
+        settings=settings,
+        metrics=build_metrics(CollectorRegistry()),
+        policy=policy,
+        budget=MemoryBudget(settings.max_request_memory_bytes),
+    )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        state.io_limiter = CapacityLimiter(settings.io_threads or default_threads())
         try:
-            await to_thread.run_sync(start, state, open_runner)
+            await to_thread.run_sync(start, state, runner_factory)
         except ProviderUnavailable as exc:
             logger.error("startup failed: %s. Set DCLGAN_REQUIRE_GPU=false to allow the CPU fallback.", exc)
             raise
@@ -188,7 +206,9 @@ def create_app(settings: Settings | None = None, *, runner_factory: RunnerFactor
     app = FastAPIOffline(title="dclgan-serve", version="1.0.0", description=_DESCRIPTION, lifespan=lifespan)
     app.state.service = state
     install_error_handlers(app, policy)
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_upload_bytes, policy=policy)
+    app.add_middleware(
+        BodyLimitMiddleware, max_bytes=settings.max_upload_bytes, policy=policy, timeout_s=settings.body_timeout_s
+    )
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,

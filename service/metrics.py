@@ -58,6 +58,8 @@ class ServiceMetrics:
     instances: Gauge
     ready: Gauge
     model: Info
+    instance_failures: Counter
+    request_memory_bytes: Gauge
 
     def batch_done(self, direction: str, device: str, batch: Batch, compute_s: float) -> None:
         """Record one executed batch: its size, its compute time and each item's queue wait."""
@@ -66,6 +68,10 @@ class ServiceMetrics:
         wait = self.queue_wait_seconds.labels(direction)
         for item in batch.items:
             wait.observe(batch.started_at - item.enqueued_at)
+
+    def instance_failure(self, direction: str, device: str, kind: str) -> None:
+        """Count one failure of a model instance (warm-up, runner error, batch timeout, crashed worker)."""
+        self.instance_failures.labels(direction, device, kind).inc()
 
     def watch(self, gauge: Gauge, read: Callable[[], float], *labels: str) -> None:
         """Make ``gauge`` (with ``labels``) report ``read()`` at every scrape."""
@@ -141,6 +147,17 @@ def build_metrics(registry: CollectorRegistry) -> ServiceMetrics:
             "dclgan_model",
             "Served directions: model version and the execution provider each device got",
             ["model", "direction", "device"],
+            registry=registry,
+        ),
+        instance_failures=Counter(
+            "dclgan_instance_failures",
+            "Model instance failures by kind (warmup, inference_error, timeout, crash)",
+            ["direction", "device", "kind"],
+            registry=registry,
+        ),
+        request_memory_bytes=Gauge(
+            "dclgan_request_memory_bytes",
+            "Bytes reserved by request bodies and decoded images in flight (of max_request_memory_bytes)",
             registry=registry,
         ),
     )

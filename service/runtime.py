@@ -14,6 +14,7 @@ import os
 import re
 from collections import defaultdict
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
@@ -52,7 +53,7 @@ def parse_device(device: str) -> int | None:
     raise ValueError(f"unknown device {device!r}; expected cpu, cuda or cuda:N")
 
 
-def choose_providers(device: str, *, conv_algo_search: ConvAlgoSearch = "EXHAUSTIVE") -> list[ProviderSpec]:
+def choose_providers(device: str, *, conv_algo_search: ConvAlgoSearch = "HEURISTIC") -> list[ProviderSpec]:
     """The provider list for ``device``; the CPU provider is always last, as the fallback.
 
     ``conv_algo_search``: EXHAUSTIVE benchmarks cuDNN algorithms once per input shape (fastest
@@ -75,6 +76,13 @@ def default_threads() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+def threads_per_session(cpu_sessions: int) -> int:
+    """The default intra-op threads of each of ``cpu_sessions`` CPU sessions that may run at once: the
+    usable cores shared out, at least one each. Each session sized to all cores (onnxruntime's default)
+    oversubscribes them as soon as two directions run together."""
+    return max(1, default_threads() // max(1, cpu_sessions))
+
+
 def session_options(intra_op_threads: int | None) -> ort.SessionOptions:
     """Explicit threading: ``intra_op_threads`` (None: all usable CPUs), one inter-op thread (the
     generator is a single chain of ops) and no spin-waiting, which on a small machine burns the
@@ -95,13 +103,18 @@ def _cuda_build() -> str:
     return f"{getattr(info, 'package_name', 'onnxruntime')} {ort.__version__}{built_for}"
 
 
+def _telemetry_off() -> None:
+    """onnxruntime sends usage events (ETW on Windows) unless told not to; a server has no business doing so."""
+    ort.disable_telemetry_events()
+
+
 def create_session(
     onnx_path: str | os.PathLike[str],
     *,
     device: str = "cpu",
     intra_op_threads: int | None = None,
     require_gpu: bool = False,
-    conv_algo_search: ConvAlgoSearch = "EXHAUSTIVE",
+    conv_algo_search: ConvAlgoSearch = "HEURISTIC",
 ) -> ort.InferenceSession:
     """An InferenceSession on ``device``, verified to run where it was asked to.
 
@@ -109,6 +122,7 @@ def create_session(
         ProviderUnavailable: ``device`` is a GPU, ``require_gpu`` is true and the session did not get
             CUDA as its first provider. Without ``require_gpu`` a warning is logged and the CPU is used.
     """
+    _telemetry_off()
     providers = choose_providers(device, conv_algo_search=conv_algo_search)
     wants_gpu = providers[0] != CPU
     if wants_gpu and hasattr(ort, "preload_dlls"):
@@ -167,7 +181,7 @@ class OnnxRunner:
         device: str = "cpu",
         intra_op_threads: int | None = None,
         require_gpu: bool = False,
-        conv_algo_search: ConvAlgoSearch = "EXHAUSTIVE",
+        conv_algo_search: ConvAlgoSearch = "HEURISTIC",
         input_name: str | None = None,
         output_name: str | None = None,
     ) -> OnnxRunner:
@@ -198,6 +212,45 @@ class OnnxRunner:
         return out
 
 
+@dataclass(frozen=True)
+class RunnerConfig:
+    """How every caller opens runners (the service, ``dclgan translate``, ``dclgan evaluate``, ``bench/``):
+    one device grammar (:func:`parse_device`) and one set of defaults.
+
+    Attributes:
+        device: ``cpu``, ``cuda`` or ``cuda:N``.
+        precision: which ONNX file of the direction.
+        intra_op_threads: CPU threads per session; ``None`` for all usable cores.
+        require_gpu: a GPU device that onnxruntime cannot use is an error (``ProviderUnavailable``), not a
+            silent CPU run; ``False`` allows the fallback, with a warning.
+        conv_algo_search: cuDNN's algorithm choice. HEURISTIC picks at once; EXHAUSTIVE benchmarks every
+            new input shape on first use, which for images of any size means on the request path.
+    """
+
+    device: str = "cpu"
+    precision: Variant = "float32"
+    intra_op_threads: int | None = None
+    require_gpu: bool = True
+    conv_algo_search: ConvAlgoSearch = "HEURISTIC"
+
+    def __post_init__(self) -> None:
+        parse_device(self.device)  # ValueError now, not at the first session
+
+
+def open_runner(model: LoadedModel, direction: str, config: RunnerConfig) -> OnnxRunner:
+    """The one runner factory: a verified session for ``direction`` of ``model``, as ``config`` says."""
+    contract = model.card.input
+    return OnnxRunner.open(
+        model.path(direction, config.precision),
+        device=config.device,
+        intra_op_threads=config.intra_op_threads,
+        require_gpu=config.require_gpu,
+        conv_algo_search=config.conv_algo_search,
+        input_name=contract.input_name,
+        output_name=contract.output_name,
+    )
+
+
 class Engine:
     """One model folder, one runner per direction: translate lists of PIL images.
 
@@ -214,31 +267,13 @@ class Engine:
 
     @classmethod
     def open(
-        cls,
-        model: LoadedModel,
-        *,
-        directions: Sequence[str] | None = None,
-        variant: Variant = "float32",
-        device: str = "cpu",
-        intra_op_threads: int | None = None,
-        require_gpu: bool = False,
-        batch_size: int = 4,
+        cls, model: LoadedModel, *, directions: Sequence[str] | None = None, batch_size: int = 4, **runner: Any
     ) -> Engine:
-        """Open a session for each of ``directions`` (default: all) of a loaded model (see
-        :func:`service.repository.load_model_dir`)."""
-        contract = model.card.input
-        runners = {
-            name: OnnxRunner.open(
-                model.path(name, variant),
-                device=device,
-                intra_op_threads=intra_op_threads,
-                require_gpu=require_gpu,
-                input_name=contract.input_name,
-                output_name=contract.output_name,
-            )
-            for name in (directions if directions is not None else model.card.direction_names)
-        }
-        return cls(model, runners, batch_size=batch_size)
+        """Open a runner (:func:`open_runner`) for each of ``directions`` (default: all) of a loaded model
+        (see :func:`service.repository.load_model_dir`); ``runner`` holds :class:`RunnerConfig`'s fields."""
+        config = RunnerConfig(**runner)
+        names = directions if directions is not None else model.card.direction_names
+        return cls(model, {name: open_runner(model, name, config) for name in names}, batch_size=batch_size)
 
     def translate(
         self, images: Sequence[Image.Image], direction: str, *, max_side: int | None = None

@@ -5,9 +5,13 @@ would each load every model and split the traffic that dynamic batching needs to
 
 Shutdown follows what load balancers and Kubernetes expect. On the first SIGTERM (or Ctrl+C) the
 process keeps listening but ``/readyz`` and new translate requests answer 503 at once, while
-admitted requests finish; once none is left (or ``drain_timeout_s`` passed) uvicorn shuts down and
-the process exits 0. A second signal hands over to uvicorn's own shutdown, which still waits for
-the remaining drain time and then ends the process with the signal's status.
+admitted requests finish; once none is left uvicorn shuts down and the process exits 0. If
+``drain_timeout_s`` passes first, or a second signal arrives, every request still in flight is
+answered with a JSON 503 (``not_ready``, with its request id) instead of uvicorn's plain-text 500,
+and the process exits 1: the drain was incomplete.
+
+Exit status: 0 clean drain; 1 incomplete drain, or a model instance that failed for good; 2 invalid
+configuration; 3 startup failure (model repository, missing GPU).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import resource
 import signal
 import socket
 import sys
@@ -23,11 +28,28 @@ from types import FrameType
 import uvicorn
 from pydantic import ValidationError
 
-from service.config import Settings
+from service.config import Settings, describe_invalid
+from service.connections import guarded_protocol
 from service.main import create_app
 from service.state import AppState
 
 logger = logging.getLogger("service.serve")
+
+EXIT_INCOMPLETE = 1
+EXIT_CONFIG = 2
+# How long cut-off requests get to send their 503 before uvicorn closes what is left.
+CUT_OFF_GRACE_S = 2.0
+
+
+class _TracebackToDebug(logging.Filter):
+    """Uvicorn logs a failed lifespan startup with the whole traceback at ERROR; the service has already
+    logged the reason in one line, so the traceback is demoted to DEBUG."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "Traceback (most recent call last)" in record.getMessage():
+            logger.debug("%s", record.getMessage())
+            return False
+        return True
 
 
 class DrainingServer(uvicorn.Server):
@@ -40,6 +62,7 @@ class DrainingServer(uvicorn.Server):
         self._drain: asyncio.Task[None] | None = None
         self._watch: asyncio.Task[None] | None = None
         self.instance_failed = False
+        self.drain_incomplete = False
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         self._loop = asyncio.get_running_loop()
@@ -69,8 +92,12 @@ class DrainingServer(uvicorn.Server):
             await asyncio.sleep(0.25)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        if self._drain is not None or self._loop is None:
-            super().handle_exit(sig, frame)  # a second signal, or one before startup: uvicorn's behaviour
+        if self._loop is None:
+            super().handle_exit(sig, frame)  # a signal before startup: uvicorn's behaviour
+            return
+        if self._drain is not None or self.state.draining:
+            logger.warning("%s received again: cutting the drain short", signal.Signals(sig).name)
+            self._loop.call_soon_threadsafe(self._start_cut_off)
             return
         self.state.begin_drain()
         logger.info(
@@ -87,7 +114,23 @@ class DrainingServer(uvicorn.Server):
     async def _drain_then_exit(self) -> None:
         if not await self.state.wait_idle(self.state.drain_timeout_left()):
             logger.warning("drain timeout: %d translate requests still in flight", self.state.inflight)
+            await self._cut_off()
         self.should_exit = True
+
+    def _start_cut_off(self) -> None:
+        asyncio.ensure_future(self._cut_off_then_exit())
+
+    async def _cut_off_then_exit(self) -> None:
+        await self._cut_off()
+        self.should_exit = True
+
+    async def _cut_off(self) -> None:
+        """Answer every request still in flight with a JSON 503 and wait (briefly) for the answers to go."""
+        count = self.state.cut_off()
+        if count:
+            self.drain_incomplete = True
+            logger.warning("drain incomplete: %d requests answered 503", count)
+            await self.state.wait_idle(CUT_OFF_GRACE_S)
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
@@ -110,9 +153,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = Settings(**overrides)
     except ValidationError as exc:
-        logger.error("invalid configuration:\n%s", exc)
-        return 2
+        logger.error("invalid configuration: %s", describe_invalid(exc))
+        return EXIT_CONFIG
     logging.getLogger().setLevel(settings.log_level.upper())
+    logging.getLogger("uvicorn.error").addFilter(_TracebackToDebug())
+    _raise_file_limit()
     app = create_app(settings)
     config = uvicorn.Config(
         app,
@@ -122,7 +167,9 @@ def main(argv: list[str] | None = None) -> int:
         log_level=settings.log_level,
         access_log=False,  # service.access logs each request with its id and queue/compute times
         lifespan="on",
-        # The drain above already waited for translate requests; this only bounds the stragglers.
+        http=guarded_protocol(header_timeout_s=settings.header_timeout_s, max_connections=settings.max_connections),
+        timeout_keep_alive=max(1, round(settings.keep_alive_s)),
+        # The drain above already answered every translate request; this only bounds the stragglers.
         timeout_graceful_shutdown=1,
     )
     server = DrainingServer(config, app.state.service)
@@ -130,4 +177,17 @@ def main(argv: list[str] | None = None) -> int:
         server.run()
     except SystemExit as exc:  # uvicorn exits this way when the lifespan (model loading) fails
         return exc.code if isinstance(exc.code, int) else 1
-    return 0 if server.started and not server.instance_failed else 1
+    if not server.started or server.instance_failed or server.drain_incomplete:
+        return EXIT_INCOMPLETE
+    return 0
+
+
+def _raise_file_limit() -> None:
+    """Lift the soft file-descriptor limit to the hard one: every connection costs one, and 1,024 (a
+    common default) is below what ``max_connections`` plus models and logs need."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):
+            logger.debug("cannot raise the file-descriptor limit from %d", soft)

@@ -9,23 +9,31 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import functools
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import TypeVar
 
+from anyio import CapacityLimiter, to_thread
+
+from service.admission import MemoryBudget
 from service.batching import Batcher
 from service.config import Settings
-from service.errors import ErrorPolicy, NotReady, UnknownDirection
+from service.errors import ErrorPolicy, NotReady, Overloaded, UnknownDirection
 from service.metrics import ServiceMetrics
 from service.repository import DirectionSpec, LoadedModel
 from service.workers import WorkerPool
+
+T = TypeVar("T")
 
 
 class Phase(enum.StrEnum):
     STARTING = "starting"
     READY = "ready"
     DRAINING = "draining"
+    DEGRADED = "degraded"  # a direction has no healthy instance (failed or stuck past the batch limit)
     FAILED = "failed"
 
 
@@ -44,16 +52,25 @@ class ServedDirection:
 
 @dataclass
 class AppState:
-    """Settings, metrics and, once started, the served directions and the worker pool."""
+    """Settings, metrics and, once started, the served directions and the worker pool.
+
+    Attributes:
+        budget: memory that request bodies and decoded images may hold at once.
+        io_limiter: the bounded pool that decodes and encodes (created by the lifespan, on the loop).
+    """
 
     settings: Settings
     metrics: ServiceMetrics
     policy: ErrorPolicy
+    budget: MemoryBudget
+    io_limiter: CapacityLimiter | None = None
     directions: dict[str, ServedDirection] = field(default_factory=dict)
     pool: WorkerPool | None = None
     draining: bool = False
     inflight: int = 0
     drain_started: float | None = None
+    cut_off_reason: str | None = None
+    _tasks: set[asyncio.Task[object]] = field(default_factory=set)
 
     @property
     def phase(self) -> Phase:
@@ -63,7 +80,9 @@ class AppState:
             return Phase.STARTING
         if self.pool.failure is not None:
             return Phase.FAILED
-        return Phase.READY if self.pool.warm else Phase.STARTING
+        if not self.pool.warm:
+            return Phase.STARTING
+        return Phase.READY if self.pool.serving else Phase.DEGRADED
 
     def direction(self, name: str) -> ServedDirection:
         """The served direction ``name``; the 404 lists the available ones."""
@@ -75,15 +94,41 @@ class AppState:
 
     @contextmanager
     def admit(self) -> Iterator[None]:
-        """Count a translate request as in flight, or refuse it (503) unless the service is ready."""
+        """Count a translate request as in flight, or refuse it (503) unless the service is ready and has
+        room for one more (``max_inflight_requests``)."""
         phase = self.phase
         if phase is not Phase.READY:
             raise NotReady(f"the service is {phase.value}")
+        if self.inflight >= self.settings.max_inflight_requests:
+            raise Overloaded(f"{self.inflight} requests are in flight, the most this server takes; retry later")
+        task = asyncio.current_task()
         self.inflight += 1
+        if task is not None:
+            self._tasks.add(task)
         try:
             yield
+        except asyncio.CancelledError:
+            if self.cut_off_reason is None or task is None:
+                raise
+            task.uncancel()  # this cancellation was ours: the request is answered, not abandoned
+            raise NotReady(self.cut_off_reason) from None
         finally:
             self.inflight -= 1
+            self._tasks.discard(task)  # type: ignore[arg-type]
+
+    def cut_off(self, reason: str = "the server is shutting down and could not finish this request") -> int:
+        """End the drain: every admitted request is cancelled and answers 503 ``not_ready`` (JSON, with its
+        request id) instead of being dropped by the server's shutdown. Returns how many were cut off."""
+        self.begin_drain()
+        self.cut_off_reason = reason
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        return len(tasks)
+
+    async def in_pool(self, func: Callable[..., T], *args: object, **kwargs: object) -> T:
+        """Run ``func`` in the bounded decode/encode pool (``io_threads`` at once)."""
+        return await to_thread.run_sync(functools.partial(func, *args, **kwargs), limiter=self.io_limiter)
 
     def begin_drain(self) -> None:
         """Readiness and new translate requests get 503 from now on; admitted work carries on."""

@@ -104,12 +104,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         engine = Engine.open(
             model,
             directions=[args.direction],
-            variant=args.variant,
-            device=args.device,
-            intra_op_threads=args.threads,
-            # Asking for a GPU and silently getting the CPU is the failure users cannot see: refuse instead.
-            require_gpu=args.device != "cpu",
             batch_size=args.batch_size,
+            device=args.device,
+            precision=args.variant,
+            intra_op_threads=args.threads,
         )
     except ProviderUnavailable as exc:
         logger.error("%s", exc)

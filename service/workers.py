@@ -9,6 +9,18 @@ Each thread first warms its runner up (the first call pays for memory planning, 
 search, ...), then loops on ``next_batch``. The pool is ready once every instance is warm. Inference
 therefore never runs on the event loop. This module knows runners and batchers, not HTTP or the
 model repository: the app wires those in.
+
+Workers are supervised, so that a sick one is seen rather than silently swallowing its direction:
+
+* a runner error fails that batch's requests (500) and is counted; the instance carries on;
+* an exception escaping the worker loop itself is logged, fails the batch it held (500) and marks
+  the instance *failed* for good; a direction left with no live instance marks the pool failed
+  (liveness fails, the process exits so that it is restarted);
+* a watchdog thread fails the requests of a batch running longer than ``batch_timeout_s`` (504)
+  and marks its instance *stuck* (unhealthy) until its runner returns. A direction with no healthy
+  instance makes readiness 503.
+
+Every failure is counted by the observer (``dclgan_instance_failures_total``).
 """
 
 from __future__ import annotations
@@ -17,13 +29,14 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
 
-from service.batching import Batch, Batcher, InferenceResult
-from service.errors import InferenceFailed
+from service.batching import Batch, Batcher, InferenceResult, WorkItem
+from service.errors import BatchTimedOut, InferenceFailed
 from service.runtime import Runner
 
 logger = logging.getLogger(__name__)
@@ -37,9 +50,12 @@ class DeviceRunner(Runner, Protocol):
 
 
 class BatchObserver(Protocol):
-    """Told about every executed batch (the metrics implement it)."""
+    """Told about every executed batch and every failure (the metrics implement it)."""
 
     def batch_done(self, direction: str, device: str, batch: Batch, compute_s: float) -> None: ...
+
+    def instance_failure(self, direction: str, device: str, kind: str) -> None:
+        """``kind``: ``warmup``, ``inference_error``, ``timeout`` or ``crash``."""
 
 
 @dataclass(frozen=True)
@@ -62,29 +78,63 @@ class DirectionPlan:
 
 @dataclass
 class Instance:
-    """One runner plus the thread that feeds it."""
+    """One runner plus the thread that feeds it, and what the supervisor knows of it.
+
+    Attributes:
+        batch: the batch running now (``None`` when idle); ``batch_started`` its ``time.monotonic``.
+        failed: why the instance is gone for good (its thread ended), else ``None``.
+        stuck: its batch ran past the limit and the runner has not returned yet.
+    """
 
     direction: DirectionPlan
     device: str
     index: int
     runner: DeviceRunner
     warm: threading.Event = field(default_factory=threading.Event)
-    busy: bool = False
+    batch: Batch | None = None
+    batch_started: float = 0.0
+    failed: str | None = None
+    stuck: bool = False
     thread: threading.Thread | None = None
 
     @property
     def name(self) -> str:
         return f"{self.direction.name}@{self.device}#{self.index}"
 
+    @property
+    def busy(self) -> bool:
+        return self.batch is not None
+
+    @property
+    def healthy(self) -> bool:
+        return self.warm.is_set() and self.failed is None and not self.stuck
+
+
+def _settle(future: Future[InferenceResult], result: InferenceResult | None, error: Exception | None) -> None:
+    """Resolve a running item once: the watchdog may already have failed it (then this is a no-op)."""
+    try:
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)  # type: ignore[arg-type]
+    except InvalidStateError:
+        pass
+
+
+def _fail_all(items: list[WorkItem], error: Exception) -> None:
+    for item in items:
+        _settle(item.future, None, error)
+
 
 class WorkerPool:
-    """Instances for every (direction, device, index), started and stopped together.
+    """Instances for every (direction, device, index), started and stopped together, and supervised.
 
     Args:
         plans: one per direction.
         devices: e.g. ``["cpu"]`` or ``["cuda:0", "cuda:1"]``.
         instances_per_device: instances of each direction on each device.
-        observer: told about every executed batch.
+        observer: told about every executed batch and every failure.
+        batch_timeout_s: a batch running longer fails its requests and marks its instance stuck.
     """
 
     def __init__(
@@ -94,19 +144,23 @@ class WorkerPool:
         devices: Sequence[str],
         instances_per_device: int,
         observer: BatchObserver | None = None,
+        batch_timeout_s: float = 120.0,
     ) -> None:
         self.plans = list(plans)
         self.devices = list(devices)
         self.instances_per_device = instances_per_device
         self.observer = observer
+        self.batch_timeout_s = batch_timeout_s
         self.instances: list[Instance] = []
         self.failure: str | None = None
         self._lock = threading.Lock()
         self._warm_count = 0
         self._started_at = 0.0
+        self._stopping = threading.Event()
 
     def start(self) -> None:
-        """Open every runner (fails fast, e.g. on a missing GPU), then start one thread per instance.
+        """Open every runner (fails fast, e.g. on a missing GPU), then start one thread per instance
+        and the watchdog.
 
         Runners are all opened before any thread starts, so a failure leaves nothing running.
         Warm-up happens in the threads; see :attr:`warm`.
@@ -125,11 +179,19 @@ class WorkerPool:
                 target=self._serve, args=(inst,), name=f"dclgan-{inst.name}", daemon=True
             )
             inst.thread.start()
+        threading.Thread(target=self._watchdog, name="dclgan-watchdog", daemon=True).start()
 
     @property
     def warm(self) -> bool:
         """Every instance has run its warm-up batch."""
         return bool(self.instances) and all(inst.warm.is_set() for inst in self.instances)
+
+    @property
+    def serving(self) -> bool:
+        """Every direction has at least one healthy instance (readiness)."""
+        return all(
+            any(inst.healthy for inst in self.instances if inst.direction is plan) for plan in self.plans
+        )
 
     def busy_count(self, device: str) -> int:
         return sum(inst.busy for inst in self.instances if inst.device == device)
@@ -149,6 +211,7 @@ class WorkerPool:
         for inst in self.instances:
             if inst.thread is not None:
                 inst.thread.join(max(0.0, deadline - time.monotonic()))
+        self._stopping.set()
         stragglers = [
             inst.name for inst in self.instances if inst.thread is not None and inst.thread.is_alive()
         ]
@@ -163,19 +226,49 @@ class WorkerPool:
         return not stragglers
 
     def _serve(self, inst: Instance) -> None:
-        if not self._warm_up(inst):
-            return
-        batcher = inst.direction.batcher
-        while (batch := batcher.next_batch()) is not None:
-            self._run(inst, batch)
+        """The instance's thread: warm up, then run batches until the batcher closes. Nothing escapes."""
+        try:
+            if not self._warm_up(inst):
+                return
+            batcher = inst.direction.batcher
+            while (batch := batcher.next_batch()) is not None:
+                self._run(inst, batch)
+        except BaseException:
+            logger.exception("worker %s died; the instance is out of service", inst.name)
+            self._fail_instance(inst, "crash", f"the worker of {inst.name} died")
+
+    def _fail_instance(self, inst: Instance, kind: str, reason: str) -> None:
+        """Mark ``inst`` failed for good, fail the batch it held, and the pool if its direction is left
+        with no live instance."""
+        batch, inst.batch = inst.batch, None
+        inst.failed = reason
+        if batch is not None:
+            _fail_all(batch.items, InferenceFailed("the model instance running this image failed"))
+        self._notify_failure(inst, kind)
+        plan = inst.direction
+        if all(other.failed is not None for other in self.instances if other.direction is plan):
+            with self._lock:
+                self.failure = self.failure or f"direction {plan.name} has no live instance: {reason}"
+            # Nobody will ever take these: answer them now (503) rather than at their deadlines.
+            plan.batcher.close()
+            plan.batcher.cancel_pending(f"direction {plan.name} has no working model instance")
+
+    def _notify_failure(self, inst: Instance, kind: str) -> None:
+        if self.observer is not None:
+            try:
+                self.observer.instance_failure(inst.direction.name, inst.device, kind)
+            except Exception:
+                logger.exception("failure observer failed on %s", inst.name)
 
     def _warm_up(self, inst: Instance) -> bool:
         try:
             inst.runner.run(inst.direction.warmup_input)
-        except Exception as exc:
+        except Exception:
             logger.exception("warm-up of %s failed", inst.name)
+            inst.failed = "warm-up failed"
+            self._notify_failure(inst, "warmup")
             with self._lock:
-                self.failure = self.failure or f"warm-up of {inst.name} failed: {exc}"
+                self.failure = self.failure or f"warm-up of {inst.name} failed"
             return False
         inst.warm.set()
         with self._lock:
@@ -190,19 +283,21 @@ class WorkerPool:
     def _run(self, inst: Instance, batch: Batch) -> None:
         """Run one batch and hand each item exactly its own output (or the batch's error)."""
         count = len(batch.items)
-        inst.busy = True
+        inst.batch_started = time.monotonic()
+        inst.batch = batch
         start = time.perf_counter()
         try:
             outputs = inst.runner.run(batch.inputs())
             if len(outputs) != count:
                 raise RuntimeError(f"the runner returned {len(outputs)} outputs for {count} inputs")
-        except Exception as exc:
+        except Exception:
+            self._batch_over(inst)
             logger.exception("inference on %s failed for a batch of %d", inst.name, count)
-            for item in batch.items:
-                item.future.set_exception(InferenceFailed(f"inference failed on {inst.name}: {exc}"))
+            self._notify_failure(inst, "inference_error")
+            _fail_all(batch.items, InferenceFailed(f"inference failed on {inst.name}"))
             return
-        finally:
-            inst.busy = False
+        # Anything else (a BaseException) escapes with inst.batch still set, for _serve to fail it.
+        self._batch_over(inst)
         compute_s = time.perf_counter() - start
         # Observe before resolving: a client that reads /metrics right after its response must see its batch.
         if self.observer is not None:
@@ -212,6 +307,37 @@ class WorkerPool:
                 logger.exception("batch observer failed on %s", inst.name)
         for item, output in zip(batch.items, outputs, strict=True):
             queue_s = batch.started_at - item.enqueued_at
-            item.future.set_result(
-                InferenceResult(output, queue_s=queue_s, compute_s=compute_s, batch_size=count)
+            _settle(
+                item.future,
+                InferenceResult(output, queue_s=queue_s, compute_s=compute_s, batch_size=count),
+                None,
             )
+
+    @staticmethod
+    def _batch_over(inst: Instance) -> None:
+        inst.batch = None
+        if inst.stuck:
+            inst.stuck = False
+            ran_s = time.monotonic() - inst.batch_started
+            logger.warning("%s returned after %.1f s and serves again", inst.name, ran_s)
+
+    def _watchdog(self) -> None:
+        """Fail batches that run past ``batch_timeout_s`` and mark their instances stuck."""
+        period = min(1.0, self.batch_timeout_s / 4)
+        while not self._stopping.wait(period):
+            now = time.monotonic()
+            for inst in self.instances:
+                batch = inst.batch
+                if batch is None or inst.stuck or now - inst.batch_started <= self.batch_timeout_s:
+                    continue
+                inst.stuck = True
+                logger.error(
+                    "%s: a batch of %d has run for %.1f s, over the %.1f s limit; its requests fail and the "
+                    "instance is unhealthy until it returns",
+                    inst.name,
+                    len(batch.items),
+                    now - inst.batch_started,
+                    self.batch_timeout_s,
+                )
+                self._notify_failure(inst, "timeout")
+                _fail_all(batch.items, BatchTimedOut(f"the batch ran longer than {self.batch_timeout_s:g} s"))

@@ -41,7 +41,7 @@ from PIL import Image
 
 from service.imaging import ImageError, decode_image
 from service.repository import ModelRepositoryError, load_model_dir
-from service.runtime import Engine, default_threads
+from service.runtime import Engine, ProviderUnavailable, default_threads
 from service.translate import DEFAULT_MAX_PIXELS, device_arg, list_images, positive_int
 from training.metrics_fid import (
     INCEPTION_FEATURES,
@@ -245,13 +245,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ImageError, OSError) as exc:
         logger.error("cannot read an image: %s", exc)
         return 1
-    engine = Engine.open(
-        model,
-        directions=[args.direction],
-        device=args.device,
-        intra_op_threads=threads,
-        batch_size=args.batch_size,
-    )
+    try:
+        engine = Engine.open(
+            model, directions=[args.direction], batch_size=args.batch_size, device=args.device, intra_op_threads=threads
+        )
+    except ProviderUnavailable as exc:  # asked for a GPU: measuring the CPU instead would mislead
+        logger.error("%s", exc)
+        return 2
     result = evaluate(
         engine, args.direction, inputs, reference, extract, resolution=args.size, protocol=args.protocol,
         kid_subsets=args.kid_subsets, kid_subset_size=args.kid_subset_size, seed=args.seed,

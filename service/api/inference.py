@@ -1,9 +1,11 @@
 """The translate pipeline of one image, on the event loop side of the batcher.
 
-decode + prepare (thread pool) -> ``Batcher.submit`` -> await the future with a deadline -> crop,
-resize back + encode (thread pool). The event loop only ever waits; decoding, inference and encoding
-run in threads. Cancelling the awaiting task (the client left) cancels the queued item, which the
-worker then skips; a deadline that passes while the item is still queued drops it (504).
+probe the header (pool) -> reserve the image's memory -> decode + prepare (pool) -> ``Batcher.submit``
+-> await the future with a deadline -> crop, resize back + encode (pool) -> release the memory. The
+event loop only ever waits; decoding, inference and encoding run in threads, and "pool" is the
+bounded decode/encode pool (``io_threads``), not the event loop's default one (40 threads, which let
+40 decodes of huge images run at once). Cancelling the awaiting task (the client left) cancels the
+queued item, which the worker then skips; a deadline that passes while the item is still queued drops it (504).
 """
 
 from __future__ import annotations
@@ -16,20 +18,22 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import TypeVar
 
-from anyio import to_thread
 from starlette.requests import Request
 
 from service.batching import InferenceResult
-from service.errors import ClientDisconnected, DeadlineExceeded, InferenceFailed, NotReady, QueueFull
+from service.errors import ClientDisconnected, DeadlineExceeded, InferenceFailed, NotReady, Overloaded, QueueFull
 from service.imaging import (
     MEDIA_TYPES,
     ImageError,
+    ImageTooLarge,
     OutputFormat,
     Prepared,
     decode_image,
     encode_image,
     from_output,
+    probe_image,
     to_input,
+    working_size,
 )
 from service.state import AppState, ServedDirection
 
@@ -65,6 +69,7 @@ def _outcome(exc: BaseException) -> str:
         (QueueFull, "queue_full"),
         (DeadlineExceeded, "deadline"),
         (NotReady, "not_ready"),
+        (Overloaded, "overloaded"),
         (asyncio.CancelledError, "cancelled"),
     ):
         if isinstance(exc, kind):
@@ -96,28 +101,37 @@ def refuse_if_full(served: ServedDirection, state: AppState) -> None:
 async def _translate(data: bytes, served: ServedDirection, options: Options, state: AppState) -> Translated:
     contract = served.model.card.input
     max_pixels = state.settings.max_pixels
-
-    def prepare() -> Prepared:
-        img = decode_image(data, max_pixels=max_pixels)
-        return to_input(
-            img, max_side=options.max_side, multiple_of=contract.multiple_of, min_size=contract.min_size
-        )
-
     served.batcher.ensure_room()  # an overload is refused in microseconds, not after a decode
-    prepared = await to_thread.run_sync(prepare)
-    remaining = options.deadline - time.monotonic()
-    if remaining <= 0:
-        raise DeadlineExceeded("the deadline passed before the image could be queued")
-    result = await await_result(served.batcher.submit(prepared.array, timeout_s=remaining), options.deadline)
+    probe = await state.in_pool(probe_image, data, max_pixels=max_pixels)
+    work_w, work_h = working_size(probe.width, probe.height, max_side=options.max_side)
+    need = probe.decode_bytes(work_w * work_h)
+    too_large = ImageTooLarge(
+        f"a {probe.width}x{probe.height} {probe.mode} image needs about {need} bytes to translate; "
+        f"the server's limit is {state.budget.capacity}"
+    )
+    with state.budget.hold(need, too_large):
 
-    def finish() -> bytes:
-        try:
-            image = from_output(result.output, prepared)
-        except ValueError as exc:  # wrong shape or NaN: the model is broken, not the request
-            raise InferenceFailed(f"unusable model output: {exc}") from exc
-        return encode_image(image, options.fmt)
+        def prepare() -> Prepared:
+            img = decode_image(data, max_pixels=max_pixels)
+            return to_input(
+                img, max_side=options.max_side, multiple_of=contract.multiple_of, min_size=contract.min_size
+            )
 
-    content = await to_thread.run_sync(finish)
+        prepared = await state.in_pool(prepare)
+        remaining = options.deadline - time.monotonic()
+        if remaining <= 0:
+            raise DeadlineExceeded("the deadline passed before the image could be queued")
+        future = served.batcher.submit(prepared.array, timeout_s=remaining)
+        result = await await_result(future, options.deadline)
+
+        def finish() -> bytes:
+            try:
+                image = from_output(result.output, prepared)
+            except ValueError as exc:  # wrong shape or NaN: the model is broken, not the request
+                raise InferenceFailed("the model returned an unusable output") from exc
+            return encode_image(image, options.fmt)
+
+        content = await state.in_pool(finish)
     width, height = prepared.orig_size
     return Translated(content, MEDIA_TYPES[options.fmt], width, height, result)
 

@@ -72,7 +72,9 @@ async def _read_multipart(request: Request, field: str, max_files: int) -> list[
     try:
         form = await request.form(max_files=max_files)
     except HTTPException as exc:  # Starlette turns multipart parse errors and its file limit into these
-        raise MalformedRequest(f"bad multipart body: {exc.detail}") from exc
+        if "files" in str(exc.detail).lower():
+            raise MalformedRequest(f"too many files: at most {max_files} per request") from exc
+        raise MalformedRequest("the multipart body cannot be parsed") from exc
     try:
         values = form.getlist(field)
         if not values:

@@ -7,6 +7,7 @@ the routes. Per-request facts travel in ``scope["state"]`` (what ``request.state
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import time
@@ -16,7 +17,8 @@ from typing import Any
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.errors import ErrorPolicy, PayloadTooLarge, describe
+from service.api.handlers import json_response
+from service.errors import ErrorPolicy, PayloadTooLarge, RequestTimeout, describe
 from service.metrics import ServiceMetrics
 
 access_log = logging.getLogger("service.access")
@@ -75,7 +77,7 @@ class RequestContextMiddleware:
             logger.exception("unhandled error in %s %s (request id %s)", scope["method"], scope["path"], rid)
             if started:
                 raise
-            await describe(exc, self.policy, rid).response()(scope, receive, send_wrapper)
+            await json_response(describe(exc, self.policy, rid))(scope, receive, send_wrapper)
         finally:
             if not recorded:  # the app never finished a response
                 status = 500 if status < 400 else status
@@ -110,17 +112,22 @@ def _ms(value: object) -> str:
 
 
 class BodyLimitMiddleware:
-    """Refuse request bodies over ``max_bytes`` with 413, without reading them.
+    """Refuse request bodies over ``max_bytes`` with 413, without reading them, and bodies slower than
+    ``timeout_s`` with 408.
 
     A declared ``Content-Length`` over the limit is refused before a byte of the body is read;
     a chunked or lying body is counted as it streams in, and the read that crosses the limit raises
     ``PayloadTooLarge`` into whichever route is reading (Starlette and uvicorn have no cap of their own).
+    The whole body must arrive within ``timeout_s`` of the request's start: a body trickled in a byte
+    at a time would otherwise hold its memory, its in-flight place and its connection indefinitely.
+    This is the layer for it because it is where the body is read, and uvicorn has no body timeout.
     """
 
-    def __init__(self, app: ASGIApp, max_bytes: int, policy: ErrorPolicy) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, policy: ErrorPolicy, timeout_s: float = 60.0) -> None:
         self.app = app
         self.max_bytes = max_bytes
         self.policy = policy
+        self.timeout_s = timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -131,12 +138,22 @@ class BodyLimitMiddleware:
             await self._too_large(scope, receive, send, f"the body declares {declared} bytes")
             return
         received = 0
+        complete = False
+        deadline = time.monotonic() + self.timeout_s
 
         async def limited_receive() -> Message:
-            nonlocal received
-            message = await receive()
+            nonlocal received, complete
+            if complete:  # after the body, receive() only reports a disconnect: no deadline on that
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
+            except TimeoutError:
+                raise RequestTimeout(
+                    f"the request body did not arrive within {self.timeout_s:g} s ({received} bytes did)"
+                ) from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
+                complete = not message.get("more_body", False)
                 if received > self.max_bytes:
                     raise PayloadTooLarge(self._detail(f"the body exceeded it after {received} bytes"))
             return message
@@ -147,7 +164,7 @@ class BodyLimitMiddleware:
         return f"request bodies are limited to {self.max_bytes} bytes; {what}"
 
     async def _too_large(self, scope: Scope, receive: Receive, send: Send, what: str) -> None:
-        response = describe(PayloadTooLarge(self._detail(what)), self.policy).response()
+        response = json_response(describe(PayloadTooLarge(self._detail(what)), self.policy))
         # The unread body makes the connection unusable for another request: tell the client to close it.
         response.headers["Connection"] = "close"
         await response(scope, receive, send)

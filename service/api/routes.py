@@ -10,6 +10,7 @@ import asyncio
 import base64
 import logging
 import time
+from contextlib import AbstractContextManager
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
@@ -19,7 +20,7 @@ from service.api.deps import Direction, State, require_api_key, require_metrics_
 from service.api.inference import Options, Translated, refuse_if_full, translate, unless_disconnected
 from service.api.media import RAW_MEDIA_TYPES, Upload, choose_format, read_uploads
 from service.batching import InferenceResult
-from service.errors import ErrorPolicy, describe
+from service.errors import ErrorPolicy, PayloadTooLarge, describe
 from service.imaging import MEDIA_TYPES, OutputFormat
 from service.schemas import (
     BatchItem,
@@ -118,6 +119,15 @@ def _options(state: AppState, fmt: OutputFormat, max_side: int | None, timeout_m
     return Options(fmt=fmt, max_side=side, deadline=time.monotonic() + timeout_s)
 
 
+def _body_memory(request: Request, state: AppState) -> AbstractContextManager[None]:
+    """Reserve the request body's memory before reading it: twice its declared length (chunks, then the
+    joined body), or twice the upload cap when the length is not declared."""
+    cap = state.settings.max_upload_bytes
+    declared = request.headers.get("content-length", "")
+    size = min(int(declared), cap) if declared.isdigit() else cap
+    return state.budget.hold(2 * size, PayloadTooLarge(f"request bodies are limited to {cap} bytes"))
+
+
 def _record_timings(request: Request, results: list[InferenceResult]) -> str:
     """Put queue and compute time in the access log; return them as a ``Server-Timing`` header."""
     if not results:
@@ -152,7 +162,7 @@ async def translate_image(
     timeout_ms: TimeoutHeader = None,
 ) -> Response:
     output_format = choose_format(fmt, request.headers.get("accept"))
-    with state.admit():
+    with state.admit(), _body_memory(request, state):
         refuse_if_full(served, state)  # an overload is refused before a 10 MiB upload is read
         (upload,) = await read_uploads(request, field="image", max_files=1)
         options = _options(state, output_format, max_side, timeout_ms)
@@ -183,7 +193,8 @@ async def translate_batch(
     max_side: MaxSideQuery = None,
     timeout_ms: TimeoutHeader = None,
 ) -> BatchResponse:
-    with state.admit():
+    with state.admit(), _body_memory(request, state):
+        refuse_if_full(served, state)  # as for one image: no room, no reading 16 files
         uploads = await read_uploads(request, field="images", max_files=state.settings.max_batch_items)
         options = _options(state, fmt or "png", max_side, timeout_ms)
         jobs = asyncio.gather(
