@@ -103,14 +103,22 @@ class DataConfig:
     crop_size: int = 256
     no_flip: bool = False
     max_dataset_size: int | None = None
-    num_workers: int = 2
+    # 0: decode in the training process. Each image is decoded and resized once and then served
+    # from a RAM cache (cache_mb), so a worker process only pays where many cores sit idle.
+    num_workers: int = 0
     batch_size: int = 1
+    # Images per domain held out of training for validation (picked by seed from trainA/trainB;
+    # never the test split, which gives the final figures only). 0 trains on every image.
+    val_size: int = 0
+    cache_mb: int = 2048
 
     def __post_init__(self) -> None:
         if self.crop_size % 4 or self.crop_size < 8:
             raise ValueError("crop_size must be a multiple of 4 and at least 8 (the generator's contract)")
         if self.load_size < self.crop_size:
             raise ValueError("load_size must be >= crop_size")
+        if self.val_size < 0 or self.cache_mb < 0 or self.num_workers < 0:
+            raise ValueError("val_size, cache_mb and num_workers must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -122,13 +130,16 @@ class TrainConfig:
     epoch_count: int = 1
     max_iters: int | None = None  # stop early (benchmarks, smoke runs)
     seed: int = 0
-    amp: Literal["none", "bf16"] = "none"
+    # auto: bf16 autocast where the device has native bf16 kernels (CUDA, AVX-512 BF16/AMX CPUs).
+    amp: Literal["auto", "none", "bf16"] = "auto"
+    channels_last: bool = True
     threads: int | None = None
     device: str = "auto"
     save_latest_freq: int = 5000
     save_epoch_freq: int = 50
     print_freq: int = 10
     sample_freq: int = 400
+    eval_every: int = 0  # iterations between validation FID/KID runs (0: never; needs data.val_size)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -137,6 +148,10 @@ class TrainConfig:
         if self.model.model == "simdcl" and (self.data.batch_size != 1 or self.data.crop_size < 64):
             # Its heads read exactly 256 patches x 256 features of one image per layer (spec 9.1).
             raise ValueError("SimDCL needs --batch-size 1 and --crop-size >= 64")
+        if self.eval_every < 0:
+            raise ValueError("eval_every must be >= 0")
+        if self.eval_every and self.data.val_size < 2:
+            raise ValueError("--eval-every needs a validation set: --val-size of at least 2 images per domain")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

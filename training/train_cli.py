@@ -44,19 +44,43 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--no-flip", action="store_true")
     d.add_argument("--max-dataset-size", type=int, default=None)
     d.add_argument("--batch-size", type=int, default=1)
-    d.add_argument("--num-workers", type=int, default=2, help="DataLoader worker processes")
+    d.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes (images are cached in RAM)")
+    d.add_argument(
+        "--val-size",
+        type=int,
+        default=None,
+        help="images per domain held out of trainA/trainB for validation (default: 100 with --eval-every, else 0)",
+    )
+    d.add_argument("--cache-mb", type=int, default=2048, help="RAM for decoded, resized training images")
     t.add_argument("--n-epochs", type=int, default=200, help="epochs at the full learning rate")
     t.add_argument("--n-epochs-decay", type=int, default=200, help="epochs of linear decay to ~0")
     t.add_argument("--epoch-count", type=int, default=1)
     t.add_argument("--max-iters", type=int, default=None, help="stop after this many iterations")
     t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--amp", choices=["none", "bf16"], default="none", help="bf16 autocast (GPUs, CPUs with AMX)")
+    t.add_argument(
+        "--amp",
+        choices=["auto", "none", "bf16"],
+        default="auto",
+        help="bf16 autocast; auto uses it where the device has native bf16 kernels (GPUs, AVX-512 BF16/AMX CPUs)",
+    )
+    t.add_argument(
+        "--channels-last",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="NHWC memory layout for networks and batches",
+    )
     t.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     t.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     t.add_argument("--save-latest-freq", type=int, default=5000, help="iterations between latest.pt saves")
     t.add_argument("--save-epoch-freq", type=int, default=50)
     t.add_argument("--print-freq", type=int, default=10, help="iterations between progress-bar loss updates")
     t.add_argument("--sample-freq", type=int, default=400, help="iterations between sample grids")
+    t.add_argument(
+        "--eval-every",
+        type=int,
+        default=0,
+        help="iterations between validation FID/KID runs on held-out images; keeps best.pt (0: never)",
+    )
     return p
 
 
@@ -67,6 +91,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         return cls(**{f.name: raw[f.name] for f in fields(cls) if f.name in raw and f.name not in extra}, **extra)
 
     model = pick(ModelConfig, nce_layers=tuple(int(x) for x in args.nce_layers.split(",")))
+    if raw["val_size"] is None:
+        raw["val_size"] = 100 if args.eval_every else 0
     return TrainConfig(
         name=args.name,
         checkpoints_dir=args.checkpoints_dir,
@@ -76,6 +102,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         max_iters=args.max_iters,
         seed=args.seed,
         amp=args.amp,
+        channels_last=args.channels_last,
+        eval_every=args.eval_every,
         threads=args.threads,
         device=args.device,
         save_latest_freq=args.save_latest_freq,
@@ -89,7 +117,18 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 # What a resumed run may change: how it runs, not what it trains.
-RUN_CONTROL = ("max_iters", "threads", "device", "save_latest_freq", "save_epoch_freq", "print_freq", "sample_freq")
+RUN_CONTROL = (
+    "max_iters",
+    "threads",
+    "device",
+    "amp",
+    "channels_last",
+    "save_latest_freq",
+    "save_epoch_freq",
+    "print_freq",
+    "sample_freq",
+    "eval_every",
+)
 SCHEDULE_FLAGS = {"--n-epochs": "n_epochs", "--n-epochs-decay": "n_epochs_decay"}
 
 
@@ -105,7 +144,8 @@ def resumed_config(cli: TrainConfig, argv: list[str]) -> TrainConfig:
     stored = TrainConfig.from_dict(json.loads(path.read_text()))
     changes = {name: getattr(cli, name) for name in RUN_CONTROL}
     changes.update({field: getattr(cli, field) for flag, field in SCHEDULE_FLAGS.items() if flag in argv})
-    data = replace(stored.data, dataroot=cli.data.dataroot, num_workers=cli.data.num_workers)
+    local = cli.data
+    data = replace(stored.data, dataroot=local.dataroot, num_workers=local.num_workers, cache_mb=local.cache_mb)
     return replace(stored, data=data, **changes)
 
 

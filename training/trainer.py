@@ -15,9 +15,12 @@ import contextlib
 import hashlib
 import json
 import logging
+import math
 import os
+import signal
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +35,7 @@ from tqdm import tqdm
 from service.repository import atomic_write_text
 from training.checkpoint import atomic_torch_save, rng_state, set_rng_state
 from training.config import TrainConfig
-from training.data import UnalignedDataset, epoch_order
+from training.data import UnalignedDataset, epoch_order, to_uint8
 from training.task import OFFICIAL_NAMES, build_task, iter_official_state
 
 log = logging.getLogger(__name__)
@@ -53,6 +56,26 @@ def resolve_device(requested: str, local_rank: int) -> torch.device:
     if requested == "cuda":
         requested = f"cuda:{local_rank}"
     return torch.device(requested)
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether bf16 convolutions run on native kernels here (CUDA with bf16, AVX-512 BF16 or AMX CPUs)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def resolve_amp(requested: str, device: torch.device) -> str:
+    """``auto`` -> ``bf16`` where :func:`native_bf16`, else ``none``; an explicit ``bf16`` without it is refused.
+
+    Without bf16 kernels torch runs bf16 convolutions through its reference path, measured 25x
+    slower per step than fp32 on an AVX2-only EPYC: refusing beats crawling.
+    """
+    if requested == "auto":
+        return "bf16" if native_bf16(device) else "none"
+    if requested == "bf16" and not native_bf16(device):
+        raise ValueError(f"--amp bf16: {device.type} here has no native bf16 kernels (needs AVX-512 BF16 or AMX)")
+    return requested
 
 
 def _init_distributed(device: torch.device) -> tuple[int, int]:
@@ -92,12 +115,24 @@ def weights_digest(module: nn.Module) -> str:
     return h.hexdigest()
 
 
+def save_sample_grid_image(grid: np.ndarray, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(grid).save(path)
+
+
 def save_sample_grid(images: torch.Tensor, path: Path) -> None:
     """(4, C, H, W) in [-1, 1] -> one PNG: real A | fake B | real B | fake A."""
-    arr = ((images.float().clamp(-1, 1) + 1) * 127.5).round().byte().cpu().numpy()
-    row = np.concatenate(list(arr.transpose(0, 2, 3, 1)), axis=1)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(row).save(path)
+    save_sample_grid_image(np.concatenate(list(to_uint8(images)), axis=1), path)
+
+
+def open_tensorboard(folder: Path) -> Any:
+    """A TensorBoard SummaryWriter when the optional ``tensorboard`` package is installed, else None."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        log.info("tensorboard not installed (pip install 'dclgan-serve[tensorboard]'): logging to metrics.jsonl only")
+        return None
+    return SummaryWriter(str(folder))
 
 
 class Trainer:
@@ -115,15 +150,14 @@ class Trainer:
             # The reference tolerances assume true fp32 convs; TF32 would add ~1e-3 error.
             torch.backends.cuda.matmul.allow_tf32 = False
             torch.backends.cudnn.allow_tf32 = False
-        if cfg.amp == "bf16" and self.device.type == "cpu" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
-            # Without AVX-512/AMX bf16 kernels torch runs bf16 convs through its slow reference
-            # path (measured 25x slower per step on an AVX2-only EPYC): refuse rather than crawl.
-            raise ValueError("--amp bf16: this CPU has no bf16 convolution kernels (needs AVX-512 BF16 or AMX)")
+        self.amp = resolve_amp(cfg.amp, self.device)
+        self.memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
         self.run_dir = Path(cfg.checkpoints_dir) / cfg.name
         torch.manual_seed(cfg.seed)
         self.task = build_task(cfg.model).to(self.device)
         self.task.build_heads(min(cfg.data.crop_size, 64))
         self.task.initialize()
+        self.task.to(memory_format=self.memory_format)
         if self.world > 1:
             for tensor in self.task.state_dict().values():
                 dist.broadcast(tensor, 0)
@@ -134,6 +168,16 @@ class Trainer:
             raise ValueError("fewer images than batch_size x processes: nothing to train on")
         self.epoch, self.epoch_iter, self.iteration = cfg.epoch_count, 0, 0
         self.skipped_images = 0
+        self.best_score = math.inf  # the validation score (lower is better) of best.pt
+        self.stop_signal: str | None = None
+        self.validator = None
+        if cfg.eval_every and self.is_main:
+            from training.validation import Validator  # imports the Inception network's loader
+
+            self.validator = Validator(
+                self.dataset.val_a, self.dataset.val_b, cfg.data.crop_size, self.device, self.run_dir / "validation"
+            )
+        self.tb = open_tensorboard(self.run_dir / "tensorboard") if self.is_main else None
         if resume:
             self._load(self.run_dir / "latest.pt")
         else:
@@ -151,6 +195,7 @@ class Trainer:
             "optimizers": {k: o.state_dict() for k, o in zip("gdf", self.opt.all(), strict=True)},
             "rng": rng_state(),
             "skipped_images": self.skipped_images,
+            "best_score": self.best_score,
         }
 
     def _load(self, path: Path) -> None:
@@ -163,6 +208,7 @@ class Trainer:
             opt.load_state_dict(state["optimizers"][key])
         self.epoch, self.epoch_iter, self.iteration = state["epoch"], state["epoch_iter"], state["iteration"]
         self.skipped_images = state.get("skipped_images", 0)
+        self.best_score = state.get("best_score", math.inf)
         set_rng_state(state["rng"])
         if self.rank:
             torch.manual_seed(self.cfg.seed + self.rank + self.iteration)
@@ -179,7 +225,7 @@ class Trainer:
 
     # -- loop -----------------------------------------------------------------------------
     def _autocast(self) -> contextlib.AbstractContextManager:
-        if self.cfg.amp == "bf16":
+        if self.amp == "bf16":
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
@@ -206,19 +252,55 @@ class Trainer:
             generator=torch.Generator().manual_seed(self.cfg.seed),
         )
 
-    def _log_line(self, out: dict[str, torch.Tensor], mult: float, seconds: float) -> dict[str, Any]:
-        losses = {k: round(v.item(), 6) for k, v in out.items() if k.startswith(("d/", "g/"))}
+    def _write_record(self, record: dict[str, Any]) -> None:
+        if self.is_main:
+            with open(self.run_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def _log_window(self, window: dict[str, torch.Tensor], count: int, mult: float, seconds: float) -> dict[str, Any]:
+        """One log line: the losses averaged over the last ``count`` iterations.
+
+        The sums stay on the device between log lines; reading them here is the loop's only
+        host-device synchronisation.
+        """
+        names = sorted(window)
+        means = (torch.stack([window[k] for k in names]).float() / count).tolist()
         record = {
             "iteration": self.iteration,
             "epoch": self.epoch,
             "lr_mult": round(mult, 6),
-            "s_per_iter": round(seconds, 4),
+            "s_per_iter": round(seconds / count, 4),
             "skipped_images": self.skipped_images,
-            **losses,
+            **{k: round(v, 6) for k, v in zip(names, means, strict=True)},
         }
-        if self.is_main:
-            with open(self.run_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
+        self._write_record(record)
+        if self.tb:
+            for key, value in record.items():
+                if "/" in key:
+                    self.tb.add_scalar(f"loss/{key}", value, self.iteration)
+            self.tb.add_scalar("lr", self.cfg.optim.lr * mult, self.iteration)
+        return record
+
+    def evaluate(self) -> dict[str, Any] | None:
+        """Validation FID/KID of both directions; keeps ``best.pt`` by the KID sum (see validation.py)."""
+        if self.validator is None:
+            return None
+        t0 = time.perf_counter()
+        scores, grid = self.validator(self.task)
+        record = {"iteration": self.iteration, "epoch": self.epoch, "event": "eval", **scores}
+        record["eval_seconds"] = round(time.perf_counter() - t0, 2)
+        if scores["score"] < self.best_score:
+            self.best_score = scores["score"]
+            record["best"] = True
+            self.save("best")
+        self._write_record(record)
+        save_sample_grid_image(grid, self.run_dir / "samples" / f"eval_{self.iteration:07d}.png")
+        if self.tb:
+            for key, value in scores.items():
+                self.tb.add_scalar(f"val/{key}", value, self.iteration)
+            self.tb.add_image("val/samples", grid, self.iteration, dataformats="HWC")
+            self.tb.flush()
+        log.info("validation at iteration %d: %s", self.iteration, json.dumps(scores))
         return record
 
     def _trim_log(self) -> None:
@@ -229,57 +311,109 @@ class Trainer:
         kept = [ln for ln in path.read_text().splitlines() if json.loads(ln)["iteration"] <= self.iteration]
         atomic_write_text(path, "".join(ln + "\n" for ln in kept))
 
-    def fit(self) -> list[dict[str, Any]]:
-        """Train until the schedule ends or ``max_iters``; returns this call's log records."""
+    @contextlib.contextmanager
+    def _stop_on_signals(self) -> Iterator[None]:
+        """SIGTERM/SIGINT ask the loop to stop after the current iteration and checkpoint.
+
+        A stopped run then loses at most one iteration and ``--resume`` continues it exactly.
+        """
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def request_stop(signum: int, _frame: Any) -> None:
+            self.stop_signal = signal.Signals(signum).name
+
+        previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def _should_stop(self) -> bool:
+        stop = self.stop_signal is not None or self._done()
+        if self.world > 1:  # every rank must leave at the same iteration, or the next all_reduce hangs
+            flag = torch.tensor(float(stop), device=self.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            stop = bool(flag.item())
+        return stop
+
+    def fit(self) -> dict[str, Any] | None:
+        """Train until the schedule ends, ``max_iters``, or SIGTERM/SIGINT; returns the last log record.
+
+        Log lines go to ``metrics.jsonl`` every ``print_freq`` iterations (losses averaged over
+        them), validation lines every ``eval_every``; nothing per iteration is kept in memory.
+        """
         cfg = self.cfg
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_text(self.run_dir / "config.json", json.dumps(cfg.to_dict(), indent=2))
             self._trim_log()
+            layout = "channels_last" if cfg.channels_last else "NCHW"
+            log.info("training on %s, amp %s, %s", self.device, self.amp, layout)
         sync = _average_gradients if self.world > 1 else None
         last_epoch = cfg.n_epochs + cfg.n_epochs_decay
-        records: list[dict[str, Any]] = []
+        record: dict[str, Any] | None = None
+        window: dict[str, torch.Tensor] = {}
+        count, seconds = 0, 0.0
         self.task.train()
-        while self.epoch <= last_epoch and not self._done():
-            mult = self._set_lr()
-            bar = tqdm(
-                total=self.batches_per_epoch,
-                initial=self.epoch_iter,
-                desc=f"epoch {self.epoch}/{last_epoch}",
-                disable=not self.is_main,
-                dynamic_ncols=True,
-            )
-            for batch in self._loader():
-                t0 = time.perf_counter()
-                real_a = batch["A"].to(self.device, non_blocking=True)
-                real_b = batch["B"].to(self.device, non_blocking=True)
-                out = self.task.training_step(real_a, real_b, self.opt, self._autocast, sync)
-                self.iteration += 1
-                self.epoch_iter += 1
-                self.skipped_images += int(batch["skipped"].sum())
-                record = self._log_line(out, mult, time.perf_counter() - t0)
-                records.append(record)
-                bar.update(1)
-                if self.iteration % cfg.print_freq == 0:
-                    bar.set_postfix(
-                        {k.split("/")[-1]: f"{v:.3f}" for k, v in record.items() if "/" in k}, refresh=False
-                    )
-                if self.is_main and self.iteration % cfg.sample_freq == 0:
-                    save_sample_grid(out["images"], self.run_dir / "samples" / f"iter_{self.iteration:07d}.png")
-                if self.iteration % cfg.save_latest_freq == 0:
-                    self.save("latest")
-                if self._done():
-                    break
-            bar.close()
-            if self.epoch_iter >= self.batches_per_epoch:
-                if self.epoch % cfg.save_epoch_freq == 0:
-                    self.save(f"epoch_{self.epoch}")
-                self.epoch, self.epoch_iter = self.epoch + 1, 0
+        with self._stop_on_signals():
+            stopped = False
+            while self.epoch <= last_epoch and not stopped:
+                mult = self._set_lr()
+                bar = tqdm(
+                    total=self.batches_per_epoch,
+                    initial=self.epoch_iter,
+                    desc=f"epoch {self.epoch}/{last_epoch}",
+                    disable=not self.is_main,
+                    dynamic_ncols=True,
+                )
+                for batch in self._loader():
+                    t0 = time.perf_counter()
+                    real_a = batch["A"].to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
+                    real_b = batch["B"].to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
+                    out = self.task.training_step(real_a, real_b, self.opt, self._autocast, sync)
+                    self.iteration += 1
+                    self.epoch_iter += 1
+                    self.skipped_images += int(batch["skipped"].sum())
+                    for key, value in out.items():
+                        if key.startswith(("d/", "g/")):
+                            window[key] = window[key] + value if key in window else value.clone()
+                    count, seconds = count + 1, seconds + time.perf_counter() - t0
+                    bar.update(1)
+                    if self.iteration % cfg.print_freq == 0:
+                        record = self._log_window(window, count, mult, seconds)
+                        window, count, seconds = {}, 0, 0.0
+                        losses = {k.split("/")[-1]: f"{v:.3f}" for k, v in record.items() if "/" in k}
+                        bar.set_postfix(losses, refresh=False)
+                    if self.is_main and self.iteration % cfg.sample_freq == 0:
+                        save_sample_grid(out["images"], self.run_dir / "samples" / f"iter_{self.iteration:07d}.png")
+                    if self.iteration % cfg.save_latest_freq == 0:
+                        self.save("latest")
+                    if cfg.eval_every and self.iteration % cfg.eval_every == 0:
+                        self.evaluate()
+                    if self._should_stop():
+                        stopped = True
+                        break
+                bar.close()
+                if self.epoch_iter >= self.batches_per_epoch:
+                    if self.epoch % cfg.save_epoch_freq == 0:
+                        self.save(f"epoch_{self.epoch}")
+                    self.epoch, self.epoch_iter = self.epoch + 1, 0
+        if count:
+            record = self._log_window(window, count, mult, seconds)
+        if cfg.eval_every and self.iteration % cfg.eval_every and self.stop_signal is None:
+            self.evaluate()  # the final weights are scored too, unless a signal asked us to hurry
         self.save("latest")
+        if self.tb:
+            self.tb.close()
+        if self.stop_signal:
+            log.info("%s: stopped at iteration %d; --resume continues from latest.pt", self.stop_signal, self.iteration)
         log.info(
             "rank %d finished at iteration %d; weights sha256 %s", self.rank, self.iteration, weights_digest(self.task)
         )
-        return records
+        return record
 
     def _done(self) -> bool:
         return self.cfg.max_iters is not None and self.iteration >= self.cfg.max_iters
