@@ -130,6 +130,12 @@ class DCLTask(nn.Module):
             official: getattr(self, attr) for official, attr in OFFICIAL_NAMES.items() if hasattr(self, attr)
         }
 
+    def generators(self) -> list[nn.Module]:
+        return [self.gen_ab, self.gen_ba]
+
+    def discriminators(self) -> list[nn.Module]:
+        return [self.disc_a, self.disc_b]
+
     def head_modules(self) -> list[nn.Module]:
         return [self.head_a, self.head_b]
 
@@ -139,8 +145,8 @@ class DCLTask(nn.Module):
             raise RuntimeError("build_heads() must run before make_optimizers()")
         betas = (cfg.beta1, cfg.beta2)
         head_lr, head_betas = cfg.head_hparams(self.cfg.model)
-        gens = [*self.gen_ab.parameters(), *self.gen_ba.parameters()]
-        discs = [*self.disc_a.parameters(), *self.disc_b.parameters()]
+        gens = [p for m in self.generators() for p in m.parameters()]
+        discs = [p for m in self.discriminators() for p in m.parameters()]
         heads = [p for m in self.head_modules() for p in m.parameters()]
         return Optimizers(
             g=torch.optim.Adam(gens, lr=cfg.lr, betas=betas),

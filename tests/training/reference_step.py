@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from training.config import ModelConfig
+from training.step import train_step
 from training.task import OFFICIAL_NAMES, DCLTask, Optimizers, PatchIds, build_task
 
 LOSS_NAMES = {  # authors' name -> ours
@@ -85,7 +86,7 @@ def record_sim_outputs(task: DCLTask) -> dict[str, torch.Tensor]:
 def step(
     task: DCLTask, opt: Optimizers, real_a: torch.Tensor, real_b: torch.Tensor, draws: Sequence[PatchIds]
 ) -> tuple[dict[str, torch.Tensor], Grads]:
-    """One training iteration through the trainer's step; returns its losses and the gradients of every
+    """One training iteration through the training loop's step; returns its losses and the gradients of every
     network as its optimiser saw them (captured at the gradient-averaging point, before the step)."""
     grads: Grads = {}
     names = {id(net): name for name, net in task.networks().items()}
@@ -94,7 +95,7 @@ def step(
         for m in modules:
             grads[names[id(m)]] = {k: p.grad.clone() for k, p in m.named_parameters() if p.grad is not None}
 
-    out = task.training_step(real_a, real_b, opt, grad_sync=capture, drawn_ids=draws)
+    out = train_step(task, opt, real_a, real_b, grad_sync=capture, drawn_ids=draws)
     return out, grads
 
 
