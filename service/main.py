@@ -27,7 +27,7 @@ from prometheus_client import CollectorRegistry
 from service.admission import MemoryBudget
 from service.api import page
 from service.api.handlers import install_error_handlers
-from service.api.middleware import BodyLimitMiddleware, RequestContextMiddleware
+from service.api.middleware import BodyLimitMiddleware, RequestContextMiddleware, SecurityHeadersMiddleware
 from service.api.routes import router, translate_router
 from service.batching import Batcher
 from service.config import Settings, get_settings
@@ -151,23 +151,57 @@ def stop(state: AppState) -> None:
     """Drain: refuse new work, let queued and running work finish (bounded), stop the threads."""
     state.begin_drain()
     if state.pool is not None:
-        state.pool.stop(timeout_s=state.drain_timeout_left())
+        # After a cut-off (second signal) nobody waits for the results: do not wait for the workers either.
+        state.pool.stop(timeout_s=0 if state.cut_off_reason else state.drain_timeout_left())
 
 
-def _add_direction_enum(app: FastAPI, state: AppState) -> None:
-    """List the served directions as the ``direction`` parameter's enum (a drop-down in /docs)."""
+# Statuses any route can answer, from the layers under the routes: malformed HTTP (the connection
+# layer), a body over the cap or too slow (BodyLimitMiddleware), anything unexpected.
+_ANY_ROUTE = {
+    400: "The request is not valid HTTP, or its body cannot be parsed",
+    408: "The request body did not arrive within `DCLGAN_BODY_TIMEOUT_S`",
+    413: "The request body is over `DCLGAN_MAX_UPLOAD_BYTES`",
+    500: "Unexpected error; the detail carries the request id, never a traceback",
+}
+
+
+def _customise_openapi(app: FastAPI, state: AppState) -> None:
+    """Make ``/openapi.json`` say exactly what this server does.
+
+    * the ``direction`` parameter lists the served directions (a drop-down in /docs);
+    * optional parameters are typed as what they accept (an integer), not as "integer or null";
+    * bearer authentication is declared only when keys are configured;
+    * every operation documents the statuses the layers under the routes can send (JSON bodies).
+    """
     generate = app.openapi
+    secured = bool(state.settings.api_keys)
 
     def openapi() -> dict[str, Any]:
-        schema = generate()
+        schema = generate()  # cached by FastAPI; the edits below are idempotent
         for path, item in schema.get("paths", {}).items():
-            for operation in item.values() if path.startswith("/translate/") else ():
-                for param in operation.get("parameters", []):
-                    if param["name"] == "direction" and state.directions:
-                        param["schema"]["enum"] = sorted(state.directions)
+            for operation in item.values():
+                _document_operation(operation, path, state, secured)
+        if not secured:
+            schema.get("components", {}).pop("securitySchemes", None)
         return schema
 
     app.openapi = openapi  # type: ignore[method-assign]
+
+
+def _document_operation(operation: dict[str, Any], path: str, state: AppState, secured: bool) -> None:
+    for param in operation.get("parameters", []):
+        schema = param["schema"]
+        if "anyOf" in schema:  # `int | None = None`: the client sends an integer or nothing, never null
+            kinds = [k for k in schema.pop("anyOf") if k.get("type") != "null"]
+            schema.update(kinds[0] if len(kinds) == 1 else {"anyOf": kinds})
+        if param["name"] == "direction" and path.startswith("/translate/") and state.directions:
+            schema["enum"] = sorted(state.directions)
+    if not secured:
+        operation.pop("security", None)
+    responses = operation.setdefault("responses", {})
+    body = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}}
+    for code, description in _ANY_ROUTE.items():
+        responses.setdefault(str(code), {"description": description, "content": body})
 
 
 def create_app(settings: Settings | None = None, *, runner_factory: RunnerFactory | None = None) -> FastAPI:
@@ -205,6 +239,8 @@ def create_app(settings: Settings | None = None, *, runner_factory: RunnerFactor
     # FastAPIOffline serves Swagger UI, ReDoc and their favicon from the package: /docs works offline.
     app = FastAPIOffline(title="dclgan-serve", version="1.0.0", description=_DESCRIPTION, lifespan=lifespan)
     app.state.service = state
+    # No 307 from /translate/x/ to /translate/x: its Location would echo the client's Host header.
+    app.router.redirect_slashes = False
     install_error_handlers(app, policy)
     app.add_middleware(
         BodyLimitMiddleware, max_bytes=settings.max_upload_bytes, policy=policy, timeout_s=settings.body_timeout_s
@@ -217,11 +253,12 @@ def create_app(settings: Settings | None = None, *, runner_factory: RunnerFactor
             allow_headers=["Authorization", "Content-Type", "Accept", "X-Request-ID", "X-Request-Timeout-Ms"],
             expose_headers=["X-Request-ID", "X-Model-Version", "Retry-After", "Server-Timing"],
         )
+    app.add_middleware(SecurityHeadersMiddleware, docs_paths=(app.docs_url or "", app.redoc_url or ""))
     app.add_middleware(
         RequestContextMiddleware, metrics=state.metrics, policy=policy
     )  # outermost: sees every response
     app.include_router(translate_router)
     app.include_router(router)
     app.include_router(page.router)  # the try-it page at /
-    _add_direction_enum(app, state)
+    _customise_openapi(app, state)
     return app

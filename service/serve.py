@@ -30,7 +30,7 @@ from pydantic import ValidationError
 
 from service.config import Settings, describe_invalid
 from service.connections import guarded_protocol
-from service.main import create_app
+from service.main import RunnerFactory, create_app
 from service.state import AppState
 
 logger = logging.getLogger("service.serve")
@@ -145,8 +145,12 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run the service until SIGTERM/SIGINT; 0 after a clean drain, non-zero if startup failed."""
+def main(argv: list[str] | None = None, *, runner_factory: RunnerFactory | None = None) -> int:
+    """Run the service until SIGTERM/SIGINT; 0 after a clean drain, non-zero otherwise (see the module doc).
+
+    ``runner_factory``: how runners are made (default onnxruntime sessions); tests pass runners held at a
+    gate, so that queues and deadlines do not depend on the machine's speed.
+    """
     args = _parse(argv)
     overrides = {k: v for k, v in vars(args).items() if v is not None}
     logging.basicConfig(format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", stream=sys.stderr)
@@ -158,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger().setLevel(settings.log_level.upper())
     logging.getLogger("uvicorn.error").addFilter(_TracebackToDebug())
     _raise_file_limit()
-    app = create_app(settings)
+    app = create_app(settings, runner_factory=runner_factory)
     config = uvicorn.Config(
         app,
         host=settings.host,

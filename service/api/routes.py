@@ -80,7 +80,7 @@ def _image_body(field: str, *, many: bool) -> dict[str, Any]:
     multipart = {
         "type": "object",
         "required": [field],
-        "properties": {field: {"type": "array", "items": _BINARY} if many else _BINARY},
+        "properties": {field: {"type": "array", "items": _BINARY, "minItems": 1} if many else _BINARY},
     }
     raw = {media: {"schema": _BINARY} for media in RAW_MEDIA_TYPES}
     return {
