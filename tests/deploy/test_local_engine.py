@@ -235,7 +235,11 @@ def container(engine: Engine, image: dict[str, Any]) -> Iterator[Container]:
     started = time.monotonic()
     engine.run("run", "-d", "--name", name, "--network", "host", *env, IMAGE, timeout=60)
     try:
-        logs = lambda: engine.run("logs", "--tail", "40", name, timeout=30, check=False).stderr  # noqa: E731
+
+        def logs() -> str:
+            health = engine.run("inspect", "--format", "{{json .State.Health}}", name, timeout=30, check=False)
+            return f"health: {health.stdout}\nlog:\n{engine.run('logs', '--tail', '40', name, timeout=30).stderr}"
+
         wait_for(
             lambda: engine.inspect(name, "{{json .State.Health.Status}}") == "healthy",
             "healthy container",
