@@ -99,7 +99,9 @@ def free_port() -> int:
 
 def host_network_state() -> dict[str, str]:
     """What an engine with a bridge or iptables would change on the host."""
-    state = {"links": " ".join(sorted(re.findall(r"^\d+: ([^:@]+)", run_text(["ip", "-o", "link"]), re.M)))}
+    state = {}
+    if shutil.which("ip"):
+        state["links"] = " ".join(sorted(re.findall(r"^\d+: ([^:@]+)", run_text(["ip", "-o", "link"]), re.M)))
     for tool in ("iptables-save", "ip6tables-save"):
         if shutil.which(tool):
             # Drop counters and comments: they change with traffic, not with configuration.

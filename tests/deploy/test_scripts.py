@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -100,7 +101,17 @@ def test_local_engine_says_why_it_cannot_run_without_root() -> None:
         setpriv = shutil.which("setpriv")
         if setpriv is None:
             pytest.skip("setpriv (util-linux) not installed: cannot drop root to try")
-        command = [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups", *command]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=30)
+        # A copy that user nobody can read wherever the checkout lives (/root is not readable to it).
+        folder = Path(tempfile.mkdtemp(prefix="dclgan-engine-check."))
+        folder.chmod(0o755)
+        copy = folder / ENGINE.name
+        shutil.copyfile(ENGINE, copy)
+        copy.chmod(0o755)
+        command = [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups", BASH, str(copy), "check"]
+    try:
+        result = subprocess.run(command, capture_output=True, text=True, timeout=30, cwd="/")
+    finally:
+        if os.geteuid() == 0:
+            shutil.rmtree(folder)
     assert result.returncode == 3, result.stderr
     assert "unavailable: dockerd needs root" in result.stderr
