@@ -196,9 +196,10 @@ def _document_operation(operation: dict[str, Any], path: str, state: AppState, s
             schema.update(kinds[0] if len(kinds) == 1 else {"anyOf": kinds})
         if param["name"] == "direction" and path.startswith("/translate/") and state.directions:
             schema["enum"] = sorted(state.directions)
+    responses = operation.setdefault("responses", {})
     if not secured:
         operation.pop("security", None)
-    responses = operation.setdefault("responses", {})
+        responses.pop("401", None)
     body = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}}
     for code, description in _ANY_ROUTE.items():
         responses.setdefault(str(code), {"description": description, "content": body})
@@ -253,7 +254,8 @@ def create_app(settings: Settings | None = None, *, runner_factory: RunnerFactor
             allow_headers=["Authorization", "Content-Type", "Accept", "X-Request-ID", "X-Request-Timeout-Ms"],
             expose_headers=["X-Request-ID", "X-Model-Version", "Retry-After", "Server-Timing"],
         )
-    app.add_middleware(SecurityHeadersMiddleware, docs_paths=(app.docs_url or "", app.redoc_url or ""))
+    # FastAPIOffline serves its pages itself (its docs_url/redoc_url attributes are None): these are its paths.
+    app.add_middleware(SecurityHeadersMiddleware, docs_paths=("/docs", "/redoc"))
     app.add_middleware(
         RequestContextMiddleware, metrics=state.metrics, policy=policy
     )  # outermost: sees every response

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import importlib
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -10,6 +13,8 @@ from pydantic import ValidationError
 
 import service.config
 from service.config import Settings, get_settings
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(autouse=True)
@@ -80,3 +85,43 @@ def test_settings_are_immutable() -> None:
 def test_every_setting_is_documented() -> None:
     """The field descriptions are the README's configuration table."""
     assert all(field.description for field in Settings.model_fields.values())
+
+
+@pytest.mark.parametrize("keys", [" , ", "k1,", ",k1", "k1, ,k2"])
+def test_a_blank_api_key_is_refused_not_turned_into_no_authentication(
+    monkeypatch: pytest.MonkeyPatch, keys: str
+) -> None:
+    monkeypatch.setenv("DCLGAN_API_KEYS", keys)
+    with pytest.raises(ValidationError, match="empty item"):
+        Settings()
+
+
+def test_the_batch_size_defaults_to_what_measured_best_on_each_device_kind() -> None:
+    assert Settings().max_batch_size == 1
+    assert Settings(devices=["cpu"]).max_batch_size == 1
+    assert Settings(devices="cuda:0,cuda:1").max_batch_size == 8
+    assert Settings(devices=["cuda:0"], max_batch_size=3).max_batch_size == 3
+
+
+@pytest.mark.parametrize(
+    "limits",
+    [
+        {"max_pixels": 100_000_000},  # one such image cannot fit the memory budget
+        {"max_upload_bytes": 400 * 1024 * 1024},  # nor can one such body
+    ],
+)
+def test_limits_that_contradict_each_other_are_refused(limits: dict[str, int]) -> None:
+    with pytest.raises(ValidationError, match="max_request_memory_bytes"):
+        Settings(**limits)
+
+
+def test_an_invalid_configuration_stops_the_server_with_one_line_and_status_2(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DCLGAN_")}
+    env.update(DCLGAN_API_KEYS=" , ", DCLGAN_MAX_BATCH_SIZE="0", PYTHONPATH=str(REPO_ROOT))
+    done = subprocess.run(
+        [sys.executable, "-m", "service"], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in done.stderr, done.stderr
+    assert "DCLGAN_API_KEYS: has an empty item" in lines[0] and "DCLGAN_MAX_BATCH_SIZE" in lines[0]

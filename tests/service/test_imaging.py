@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import struct
+import tracemalloc
 import zlib
 from typing import Any
 
@@ -21,6 +22,7 @@ from service.imaging import (
     decode_image,
     encode_image,
     from_output,
+    probe_image,
     to_input,
     working_size,
 )
@@ -341,3 +343,48 @@ def test_malformed_header_is_reported_as_corrupt_not_raised_raw(image_factory: A
     bad[30:34] = (99).to_bytes(4, "little")
     with pytest.raises(CorruptImage):
         decode_image(bytes(bad), max_pixels=10**6)
+
+
+# --- hostile files -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("progressive", [False, True])
+def test_a_truncated_jpeg_with_an_end_marker_is_corrupt_not_grey(image_factory: Any, progressive: bool) -> None:
+    """libjpeg only warns when a scan stops at an early end marker and fills the rest with grey; a 633-byte
+    file declaring 5000x5000 came out as a grey 200. The strict check makes it a 400."""
+    data = image_factory.bytes((256, 192), fmt="JPEG", quality=90, progressive=progressive)
+    cut = data[: len(data) // 3] + b"\xff\xd9"
+    with pytest.raises(CorruptImage) as refused:
+        decode_image(cut, max_pixels=MAX_PIXELS)
+    assert "premature" not in str(refused.value).lower()  # our words, not libjpeg's
+    assert decode_image(data, max_pixels=MAX_PIXELS).size == (256, 192)  # the whole file is fine
+
+
+def test_16_bit_images_are_converted_without_float64_copies() -> None:
+    """numpy's allocations are traced: the conversion holds 2- and 4-byte integer copies, less than one
+    float64 array; the float64 path (several 8-byte arrays at once) made eight 48 KB PNGs of 5000x5000
+    take 5 GB."""
+    side = 1000
+    data = _encode(Image.fromarray(np.full((side, side), 40000, dtype=np.uint16)), "PNG")
+    tracemalloc.start()
+    try:
+        rgb = decode_image(data, max_pixels=MAX_PIXELS)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert rgb.getpixel((0, 0)) == (156, 156, 156)
+    assert peak < 8 * side * side, f"{peak / side / side:.1f} bytes per pixel of numpy temporaries"
+
+
+def test_a_pillow_bomb_is_reported_with_our_limit_not_pillows() -> None:
+    with pytest.raises(ImageTooLarge) as refused:
+        decode_image(_png_header_only(40000, 40000), max_pixels=25_000_000)
+    assert "25000000" in str(refused.value) and "DecompressionBomb" not in str(refused.value)
+
+
+def test_probe_reads_the_header_and_sizes_the_work() -> None:
+    probe = probe_image(_png_header_only(5000, 5000), max_pixels=10**8)
+    assert (probe.format, probe.width, probe.height, probe.mode) == ("PNG", 5000, 5000, "RGB")
+    assert probe.decode_bytes(1024 * 1024) == 25_000_000 * 12 + 1024 * 1024 * 48
+    with pytest.raises(ImageTooLarge):
+        probe_image(_png_header_only(5000, 5000), max_pixels=1000)
