@@ -307,3 +307,63 @@ def test_an_instance_that_cannot_warm_up_ends_the_process(tiny_model_copy: Path,
     finally:
         process.kill()
     assert "exiting: warm-up of" in log.read_text()
+
+
+@pytest.fixture(scope="module")
+def guarded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """A server with a short header timeout, a cap of 3 connections and long keep-alives."""
+    folder = tmp_path_factory.mktemp("guarded")
+    gate = folder / "gate"
+    gate.touch()
+    settings = {"header_timeout_s": 0.3, "max_connections": 3, "keep_alive_s": 60}
+    with run_server(write_fake_repo(folder / "models"), folder / "server.log", gate=gate, **settings) as s:
+        yield s
+
+
+def _address(server: Server) -> tuple[str, int]:
+    host, port = server.url.removeprefix("http://").rsplit(":", 1)
+    return host, int(port)
+
+
+def _read_all(sock: socket.socket) -> bytes:
+    """Everything the server sends until it closes the connection (or 30 s pass: a hang fails)."""
+    received = b""
+    try:
+        while chunk := sock.recv(65536):
+            received += chunk
+    except ConnectionResetError:
+        pass
+    return received
+
+
+def test_half_sent_headers_are_dropped_after_the_header_timeout(guarded: Server) -> None:
+    with socket.create_connection(_address(guarded), timeout=30) as sock:
+        sock.sendall(b"POST /translate/a2b HTTP/1.1\r\nHost: x\r\nContent-Ty")  # and nothing more
+        assert _read_all(sock) == b""  # closed by the server, not left open forever
+
+
+def test_connections_over_the_cap_are_closed_at_once(guarded: Server) -> None:
+    request = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+    held = [socket.create_connection(_address(guarded), timeout=30) for _ in range(3)]
+    try:
+        for sock in held:  # three kept-alive connections, each with a complete exchange
+            sock.sendall(request)
+            assert sock.recv(65536).startswith(b"HTTP/1.1 200")
+        with socket.create_connection(_address(guarded), timeout=30) as extra:
+            try:
+                extra.sendall(request)
+            except (BrokenPipeError, ConnectionResetError):
+                pass
+            assert _read_all(extra) == b""  # a fourth is closed without an answer
+    finally:
+        for sock in held:
+            sock.close()
+    guarded.wait_for(lambda: guarded.get("/healthz").status_code == 200, "room again")
+
+
+def test_a_request_that_is_not_http_gets_a_json_400(guarded: Server) -> None:
+    with socket.create_connection(_address(guarded), timeout=30) as sock:
+        sock.sendall(b"HELLO THERE\r\n\r\n")
+        head, _, body = _read_all(sock).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400") and b"content-type: application/json" in head.lower()
+    assert json.loads(body)["error"] == "bad_request"
