@@ -197,7 +197,19 @@ debian_mirror() {
     # shellcheck disable=SC2016 # apt's format placeholders, not shell expansions
     uri=$(apt-get indextargets --format '$(REPO_URI) $(RELEASE)' 'Created-By: Packages' 2>/dev/null \
         | awk -v r="$release" '$2 == r {print $1; exit}')
-    [ -n "$uri" ] || die "apt knows no '$release' repository (run apt-get update first)"
+    if [ -z "$uri" ]; then
+        # No package lists yet: read the sources themselves (deb822 stanzas, then one-line entries).
+        uri=$(cat /etc/apt/sources.list.d/*.sources 2>/dev/null | awk -v r="$release" '
+            /^$/ { if (uris != "" && suites ~ ("(^| )" r "( |$)")) { split(uris, u, " "); print u[1]; exit } uris = suites = "" }
+            /^URIs:/ { sub(/^URIs:[ \t]*/, ""); uris = $0 }
+            /^Suites:/ { sub(/^Suites:[ \t]*/, ""); suites = $0 }
+            END { if (uris != "" && suites ~ ("(^| )" r "( |$)")) { split(uris, u, " "); print u[1] } }' | head -n 1)
+    fi
+    if [ -z "$uri" ]; then
+        uri=$(cat /etc/apt/sources.list /etc/apt/sources.list.d/*.list 2>/dev/null \
+            | awk -v r="$release" '$1 == "deb" { i = 2; if ($i ~ /^\[/) while ($i !~ /\]$/) i++; if ($i ~ /\]$/ && $2 ~ /^\[/) i++; if ($(i + 1) == r) { print $i; exit } }')
+    fi
+    [ -n "$uri" ] || die "apt is configured with no '$release' repository to debootstrap from"
     printf '%s' "$uri"
 }
 
