@@ -10,7 +10,7 @@
 #
 # STATE/env holds DOCKER_HOST (the engine's socket), DOCKER (the client that goes with it) and the
 # base image tags; source it. Exit status 3 means "no engine possible here" (not root, not Linux,
-# docker.io/debootstrap missing, dockerd would not start): the tests skip on it, or fail in CI.
+# Debian's docker.io or debootstrap package missing, dockerd would not start): the tests skip on it, or fail in CI.
 #
 # Isolation. The engine has its own socket, exec root and pid file under STATE (a fresh temporary
 # folder) and its own data root; it never talks to another engine. It is started with
