@@ -133,6 +133,7 @@ class TrainConfig:
     # auto: bf16 autocast where the device has native bf16 kernels (CUDA, AVX-512 BF16/AMX CPUs).
     amp: Literal["auto", "none", "bf16"] = "auto"
     channels_last: bool = True
+    tf32: bool = True  # CUDA only: TF32 matmuls/convs (off: exact fp32, for parity checks)
     threads: int | None = None
     device: str = "auto"
     save_latest_freq: int = 5000

@@ -69,6 +69,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=True,
         help="NHWC memory layout for networks and batches",
     )
+    t.add_argument(
+        "--tf32",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="CUDA: allow TF32 matmuls and convolutions (--no-tf32: exact fp32)",
+    )
     t.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     t.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     t.add_argument("--save-latest-freq", type=int, default=5000, help="iterations between latest.pt saves")
@@ -103,6 +109,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         seed=args.seed,
         amp=args.amp,
         channels_last=args.channels_last,
+        tf32=args.tf32,
         eval_every=args.eval_every,
         threads=args.threads,
         device=args.device,
@@ -116,34 +123,50 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     )
 
 
-# What a resumed run may change: how it runs, not what it trains.
+# What ``--resume`` takes from the command line. The machine's options always come from it; the
+# run's options only when given; any other option is what the run trains and is refused.
+LOCAL = ("dataroot", "name", "checkpoints_dir", "resume", "max_iters", "threads", "device", "num_workers", "cache_mb")
 RUN_CONTROL = (
-    "max_iters",
-    "threads",
-    "device",
     "amp",
     "channels_last",
+    "tf32",
     "save_latest_freq",
     "save_epoch_freq",
     "print_freq",
     "sample_freq",
     "eval_every",
+    "n_epochs",
+    "n_epochs_decay",
 )
-SCHEDULE_FLAGS = {"--n-epochs": "n_epochs", "--n-epochs-decay": "n_epochs_decay"}
+
+
+def given_options(argv: list[str]) -> set[str]:
+    """The destinations of the options ``argv`` sets, whatever their spelling (``--n-epochs=300`` too)."""
+    parser = build_parser()
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+        action.required = False
+    return set(vars(parser.parse_args(argv)))
 
 
 def resumed_config(cli: TrainConfig, argv: list[str]) -> TrainConfig:
-    """The run's stored configuration, with run-control options (and the schedule, if given) from ``cli``.
+    """The run's stored configuration, with the machine's options and any given run-control options.
 
     Networks, losses, optimiser and data options come from the checkpoint's run, so ``--resume``
-    needs none of the original flags and cannot silently train something else.
+    needs none of the original flags and cannot silently train something else; giving one is an
+    error rather than an option that is accepted and ignored.
     """
     path = Path(cli.checkpoints_dir) / cli.name / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"--resume: no run at {path.parent} (config.json missing)")
+    given = given_options(argv)
+    refused = sorted(given - set(LOCAL) - set(RUN_CONTROL))
+    if refused:
+        names = ", ".join("--" + name.replace("_", "-") for name in refused)
+        raise ValueError(f"--resume continues the run as it was configured; start a new run to change {names}")
     stored = TrainConfig.from_dict(json.loads(path.read_text()))
-    changes = {name: getattr(cli, name) for name in RUN_CONTROL}
-    changes.update({field: getattr(cli, field) for flag, field in SCHEDULE_FLAGS.items() if flag in argv})
+    changes = {name: getattr(cli, name) for name in ("max_iters", "threads", "device")}
+    changes.update({name: getattr(cli, name) for name in RUN_CONTROL if name in given})
     local = cli.data
     data = replace(stored.data, dataroot=local.dataroot, num_workers=local.num_workers, cache_mb=local.cache_mb)
     return replace(stored, data=data, **changes)

@@ -36,6 +36,7 @@ from service.repository import atomic_write_text
 from training.checkpoint import atomic_torch_save, rng_state, set_rng_state
 from training.config import TrainConfig
 from training.data import UnalignedDataset, epoch_order, to_uint8
+from training.step import train_step
 from training.task import OFFICIAL_NAMES, build_task, iter_official_state
 
 log = logging.getLogger(__name__)
@@ -147,9 +148,10 @@ class Trainer:
             torch.set_num_threads(cfg.threads)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
-            # The reference tolerances assume true fp32 convs; TF32 would add ~1e-3 error.
-            torch.backends.cuda.matmul.allow_tf32 = False
-            torch.backends.cudnn.allow_tf32 = False
+            # TF32 for training speed; --no-tf32 gives true fp32 (the reference tolerances assume it).
+            torch.backends.cuda.matmul.allow_tf32 = cfg.tf32
+            torch.backends.cudnn.allow_tf32 = cfg.tf32
+            torch.backends.cudnn.benchmark = True  # fixed crop sizes: pick the fastest conv algorithms once
         self.amp = resolve_amp(cfg.amp, self.device)
         self.memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
         self.run_dir = Path(cfg.checkpoints_dir) / cfg.name
@@ -373,7 +375,7 @@ class Trainer:
                     t0 = time.perf_counter()
                     real_a = batch["A"].to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
                     real_b = batch["B"].to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
-                    out = self.task.training_step(real_a, real_b, self.opt, self._autocast, sync)
+                    out = train_step(self.task, self.opt, real_a, real_b, autocast=self._autocast, grad_sync=sync)
                     self.iteration += 1
                     self.epoch_iter += 1
                     self.skipped_images += int(batch["skipped"].sum())

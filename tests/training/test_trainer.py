@@ -12,6 +12,7 @@ from tests.training.conftest import tiny_config, write_domain
 from training.checkpoint import load_state_file
 from training.config import ModelConfig, OptimConfig
 from training.data import DataError, UnalignedDataset
+from training.step import train_step
 from training.task import SimDCLTask
 from training.trainer import Trainer, lr_multiplier
 
@@ -101,7 +102,7 @@ def test_simdcl_step_trains_its_similarity_heads():
     opt = task.make_optimizers(OptimConfig())
     assert opt.f.param_groups[0]["lr"] == 2e-4 and opt.f.param_groups[0]["betas"] == (0.5, 0.999)
     before = task.sim_real_a.model[0].weight.clone()
-    out = task.training_step(torch.rand(1, 3, 64, 64) * 2 - 1, torch.rand(1, 3, 64, 64) * 2 - 1, opt)
+    out = train_step(task, opt, torch.rand(1, 3, 64, 64) * 2 - 1, torch.rand(1, 3, 64, 64) * 2 - 1)
     assert 0 <= out["g/sim"].item() <= 5  # two mean |u - v| of unit 64-vectors, times 10
     total = 0.5 * (out["g/gan_ab"] + out["g/gan_ba"] + out["g/nce_ab"] + out["g/nce_ba"])
     total += 0.5 * (out["g/idt_a"] + out["g/idt_b"]) + out["g/sim"]
@@ -146,9 +147,13 @@ def test_resume_takes_the_stored_configuration(tiny_dataroot, tmp_path):
 
     Trainer(tiny_config(tiny_dataroot, tmp_path, max_iters=2)).fit()
     argv = ["--dataroot", str(tiny_dataroot), "--name", "tiny", "--checkpoints-dir", str(tmp_path), "--resume"]
-    argv += ["--max-iters", "4", "--n-epochs-decay", "3", "--lr", "0.5", "--print-freq", "1"]
+    changed = [*argv, "--lr", "0.5", "--ngf=8"]
+    with pytest.raises(ValueError, match="start a new run to change --lr, --ngf"):
+        resumed_config(config_from_args(build_parser().parse_args(changed)), changed)
+    argv += ["--max-iters", "4", "--n-epochs-decay=3", "--print-freq", "1"]
     cfg = resumed_config(config_from_args(build_parser().parse_args(argv)), argv)
     assert (cfg.model.ngf, cfg.data.crop_size, cfg.optim.lr) == (4, 32, 2e-4)  # the run's, not the defaults
+    assert cfg.amp == "none"  # stored, not the command line's default (auto)
     assert (cfg.max_iters, cfg.n_epochs_decay, cfg.n_epochs) == (4, 3, 1)  # run control and given schedule
     Trainer(cfg, resume=True).fit()
     assert [r["iteration"] for r in read_log(tmp_path / "tiny")] == [1, 2, 3, 4]
