@@ -82,7 +82,7 @@ def _image_body(field: str, *, many: bool) -> dict[str, Any]:
         "required": [field],
         "properties": {field: {"type": "array", "items": _BINARY, "minItems": 1} if many else _BINARY},
     }
-    raw = {media: {"schema": _BINARY} for media in RAW_MEDIA_TYPES}
+    raw = {media: {"schema": {**_BINARY, "minLength": 1}} for media in RAW_MEDIA_TYPES}  # empty: 422
     return {
         "requestBody": {"required": True, "content": {"multipart/form-data": {"schema": multipart}, **raw}}
     }
