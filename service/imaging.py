@@ -24,6 +24,8 @@ import numpy as np
 import simplejpeg
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from service.contract import to_rgb
+
 OutputFormat = Literal["png", "jpeg", "webp"]
 MEDIA_TYPES: dict[OutputFormat, str] = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 
@@ -31,8 +33,6 @@ MEDIA_TYPES: dict[OutputFormat, str] = {"png": "image/png", "jpeg": "image/jpeg"
 # problems on untrusted input (EPS shells out to Ghostscript). JPEG includes the MPO files of many phones.
 ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF")
 
-_WHITE = (255, 255, 255, 255)
-_HIGH_DEPTH_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
 # Bytes per pixel of Pillow's in-memory modes (RGB and the other 3-channel modes are stored as 4 bytes).
 _MODE_BYTES = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16L": 2, "I;16B": 2, "I;16N": 2}
 # libjpeg's colour space of a JPEG -> the output colour space that keeps it (no conversion work).
@@ -128,7 +128,10 @@ def decode_image(data: bytes, *, max_pixels: int) -> Image.Image:
     # SyntaxError, struct.error, zlib.error, ...); for untrusted input every one of them means "corrupt".
     except Exception as exc:
         raise CorruptImage(f"cannot decode the {img.format} image: truncated or corrupt data") from exc
-    return to_rgb(img)
+    try:
+        return to_rgb(img)
+    except ValueError as exc:
+        raise UnsupportedImage(f"cannot convert image mode {img.mode} to RGB") from exc
 
 
 def check_jpeg(data: bytes) -> None:
@@ -145,46 +148,6 @@ def check_jpeg(data: bytes) -> None:
         )
     except Exception as exc:
         raise CorruptImage("cannot decode the JPEG image: truncated or corrupt data") from exc
-
-
-def to_rgb(img: Image.Image) -> Image.Image:
-    """Convert any Pillow mode to 8-bit RGB.
-
-    Transparency (alpha channels, palette or colour-key transparency) is composited on white, as a
-    viewer would show it. 16-bit and 32-bit integer data are scaled from 0..65535, not clipped; ``I``
-    and ``F`` images whose values fit 0..255 (Pillow's convention for images converted from 8-bit)
-    are kept as they are.
-    """
-    if img.mode == "RGB":
-        return img
-    if img.mode in _HIGH_DEPTH_MODES:
-        return _high_depth_to_rgb(img)
-    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
-        rgba = img.convert("RGBA")
-        return Image.alpha_composite(Image.new("RGBA", img.size, _WHITE), rgba).convert("RGB")
-    try:
-        return img.convert("RGB")
-    except ValueError as exc:
-        raise UnsupportedImage(f"cannot convert image mode {img.mode} to RGB") from exc
-
-
-def _high_depth_to_rgb(img: Image.Image) -> Image.Image:
-    """16/32-bit grey to 8-bit RGB in integer arithmetic (or float32 for ``F``), in place: no float64
-    copies, whose 8 bytes a pixel turned a 48 KB 5000x5000 PNG into 600 MB of temporaries."""
-    if img.mode == "F":
-        values = np.array(img, dtype=np.float32)
-        if float(values.max(initial=0.0)) > 255.0:
-            values /= np.float32(257.0)
-        np.clip(values, 0.0, 255.0, out=values)
-        gray = np.rint(values, out=values).astype(np.uint8)
-    else:
-        values = np.array(img, dtype=np.int32 if img.mode == "I" else np.uint32)
-        if img.mode.startswith("I;16") or int(values.max(initial=0)) > 255:
-            np.clip(values, 0, 65535, out=values)
-            values += 128  # round to nearest: 65535 -> 255, 1000 -> 4
-            values //= 257
-        gray = np.clip(values, 0, 255, out=values).astype(np.uint8)
-    return Image.fromarray(gray).convert("RGB")
 
 
 def working_size(width: int, height: int, *, max_side: int | None) -> tuple[int, int]:

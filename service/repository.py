@@ -5,23 +5,23 @@ direction (and optionally a float16 variant of each). The service consumes these
 the schema; the exporter in ``training/`` imports the models below to write them. This module must
 not import fastapi, torch or ``training``.
 
-Every write goes through :func:`atomic_write_bytes`, so a reader (a server starting up, a second
+Every write goes through :func:`service.contract.atomic_write_bytes`, so a reader (a server starting up, a second
 export) never sees a half-written ONNX file or ``model.json``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
 import os
-import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Annotated, BinaryIO, Literal, Self
+from typing import Annotated, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from service.contract import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -245,43 +245,3 @@ def scan_repository(root: str | os.PathLike[str], *, verify: bool = True) -> lis
     if not root.is_dir():
         raise ModelRepositoryError(f"model repository {root} is not a folder")
     return [load_model_dir(d, verify=verify) for d in sorted(root.iterdir()) if (d / MODEL_JSON).is_file()]
-
-
-@contextlib.contextmanager
-def atomic_writer(path: str | os.PathLike[str]) -> Iterator[BinaryIO]:
-    """Open ``path`` for binary writing so that readers see either the old file or the complete new one.
-
-    Writes a temporary file in the same folder (``os.replace`` is only atomic within a file system),
-    fsyncs it, renames it over ``path`` and fsyncs the folder so the rename itself survives a crash.
-    If the block raises, the temporary file is removed and ``path`` is untouched.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            # mkstemp creates the file 0600; models are read by other users (a container's server).
-            os.fchmod(f.fileno(), 0o644)
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
-def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically (see :func:`atomic_writer`)."""
-    with atomic_writer(path) as f:
-        f.write(data)
-
-
-def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
-    """:func:`atomic_write_bytes` for UTF-8 text."""
-    atomic_write_bytes(path, text.encode("utf-8"))

@@ -16,8 +16,9 @@ from pathlib import Path
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from service.contract import atomic_write_bytes
 from service.imaging import MEDIA_TYPES, ImageError, decode_image, encode_image
-from service.repository import ModelRepositoryError, atomic_write_bytes, load_model_dir
+from service.repository import ModelRepositoryError, load_model_dir
 from service.runtime import Engine, ProviderUnavailable, parse_device
 
 logger = logging.getLogger(__name__)

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from service.repository import atomic_writer
+from service.contract import atomic_writer
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:

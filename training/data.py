@@ -20,7 +20,7 @@ import torch
 from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
-from service.imaging import to_rgb
+from service.contract import to_rgb
 from training.config import DataConfig
 
 log = logging.getLogger(__name__)

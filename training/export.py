@@ -22,13 +22,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from service.contract import atomic_write_bytes
 from service.repository import (
     DirectionSpec,
     InputContract,
     ModelCard,
     OnnxFile,
     Provenance,
-    atomic_write_bytes,
     sha256_file,
 )
 from service.runtime import OnnxRunner, create_session

@@ -32,7 +32,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from service.repository import atomic_write_text
+from service.contract import atomic_write_text
 from training.checkpoint import atomic_torch_save, rng_state, set_rng_state
 from training.config import TrainConfig
 from training.data import UnalignedDataset, epoch_order, to_uint8

@@ -12,12 +12,11 @@ from typing import Any
 
 import pytest
 
+from service.contract import atomic_write_bytes, atomic_write_text
 from service.repository import (
     MODEL_JSON,
     ModelCard,
     ModelRepositoryError,
-    atomic_write_bytes,
-    atomic_write_text,
     load_model_dir,
     scan_repository,
     sha256_file,
