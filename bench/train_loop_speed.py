@@ -115,7 +115,8 @@ def main() -> None:
                 wall[v.name].append(time.perf_counter() - w0)
                 cpu[v.name].append(time.process_time() - c0)
     config = f"ngf {args.ngf} ndf {args.ndf} blocks {args.n_blocks} load {args.load_size} crop {args.crop_size}"
-    info = {**cpu_description(), "torch": torch.__version__, "threads": args.threads, "iters": args.iters, "config": config}
+    info = {**cpu_description(), "torch": torch.__version__, "threads": args.threads, "iters": args.iters}
+    info["config"] = config
     print(json.dumps(info))
     base = statistics.median(wall["before"])
     for v in variants:
