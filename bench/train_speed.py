@@ -31,6 +31,7 @@ import torch.nn.functional as F  # noqa: E402
 from training import task as task_module  # noqa: E402
 from training.config import DataConfig, ModelConfig, OptimConfig  # noqa: E402
 from training.data import UnalignedDataset  # noqa: E402
+from training.step import train_step  # noqa: E402
 from training.task import Translations, build_task  # noqa: E402
 
 
@@ -71,12 +72,12 @@ def time_steps(args: argparse.Namespace, batches: list, baseline: bool) -> tuple
     task.build_heads(64)
     task.initialize()
     opt = task.make_optimizers(OptimConfig())
-    amp = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if args.amp == "bf16" else None
+    amp = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if args.amp == "bf16" else contextlib.nullcontext
     cpu, wall = [], []
     with authors_math() if baseline else contextlib.nullcontext():
         for i, (a, b) in enumerate(batches):
             c0, w0 = time.process_time(), time.perf_counter()
-            task.training_step(a, b, opt, amp)
+            train_step(task, opt, a, b, autocast=amp)
             if i >= args.warmup:
                 cpu.append(time.process_time() - c0)
                 wall.append(time.perf_counter() - w0)

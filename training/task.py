@@ -1,4 +1,4 @@
-"""DCL and SimDCL: networks, their losses, and one optimisation step (spec sections 5-9).
+"""DCL and SimDCL: networks and their losses (spec sections 5-9); training/step.py trains on the losses.
 
 Paper <-> authors' code <-> here:
 
@@ -15,8 +15,7 @@ Paper <-> authors' code <-> here:
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -43,8 +42,6 @@ PatchIds = Sequence[torch.Tensor]
 # The ids of every head call that draws patch positions, in call order: replaces the random draws
 # (tests replay the authors' recorded ids). DCL draws twice per G loss, SimDCL four times.
 IdDraws = Iterator[PatchIds]
-# Averages the gradients of the given modules across data-parallel ranks (see trainer.py).
-GradSync = Callable[[Sequence[nn.Module]], None]
 
 
 def init_weights(module: nn.Module, gain: float = 0.02) -> None:
@@ -248,45 +245,6 @@ class DCLTask(nn.Module):
         """Hook for model-specific generator terms (SimDCL's similarity loss)."""
         return {}
 
-    # -- one iteration -------------------------------------------------------------------
-    def training_step(
-        self,
-        real_a: torch.Tensor,
-        real_b: torch.Tensor,
-        opt: Optimizers,
-        autocast: contextlib.AbstractContextManager | None = None,
-        grad_sync: GradSync | None = None,
-        drawn_ids: Sequence[PatchIds] | None = None,
-    ) -> dict[str, torch.Tensor]:
-        """D first, then G and the heads against the updated D, reusing the same fakes (spec 8.4)."""
-        amp = autocast or contextlib.nullcontext
-        discs = [self.disc_a, self.disc_b]
-        with amp():
-            tr = self.translate(real_a, real_b)
-        _set_requires_grad(discs, True)
-        opt.d.zero_grad(set_to_none=True)
-        with amp():
-            d = self.d_losses(real_a, real_b, tr)
-        (d["d/a"] + d["d/b"]).backward()
-        if grad_sync:
-            grad_sync(discs)
-        opt.d.step()
-
-        _set_requires_grad(discs, False)
-        opt.g.zero_grad(set_to_none=True)
-        opt.f.zero_grad(set_to_none=True)
-        with amp():
-            g = self.g_losses(real_a, real_b, tr, drawn_ids)
-        g["g/total"].backward()
-        if grad_sync:
-            grad_sync([self.gen_ab, self.gen_ba, *self.head_modules()])
-        opt.g.step()
-        opt.f.step()
-        _set_requires_grad(discs, True)
-        out = {k: v.detach() for k, v in {**d, **g}.items()}
-        out["images"] = torch.stack([real_a[0], tr.fake_b[0].detach(), real_b[0], tr.fake_a[0].detach()])
-        return out
-
 
 class SimDCLTask(DCLTask):
     """SimDCL: DCL plus four similarity heads that pull real and fake of one domain together.
@@ -323,12 +281,6 @@ class SimDCLTask(DCLTask):
         real_b = self.sim_real_b(torch.stack(ba.key_rows))
         fake_a = self.sim_fake_a(torch.stack(ba.fresh_query_rows))
         return {"g/sim": self.cfg.lambda_sim * (similarity_l1(real_a, fake_a) + similarity_l1(fake_b, real_b))}
-
-
-def _set_requires_grad(modules: Sequence[nn.Module], flag: bool) -> None:
-    for m in modules:
-        for p in m.parameters():
-            p.requires_grad_(flag)
 
 
 def build_task(cfg: ModelConfig) -> DCLTask:

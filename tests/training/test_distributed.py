@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import re
 import socket
@@ -60,6 +62,8 @@ def test_two_rank_training_keeps_ranks_identical(tiny_dataroot, tmp_path):
         "0",
         "--device",
         "cpu",
+        "--print-freq",
+        "1",
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.getcwd()}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
@@ -67,5 +71,8 @@ def test_two_rank_training_keeps_ranks_identical(tiny_dataroot, tmp_path):
     digests = dict(re.findall(r"rank (\d) finished at iteration 3; weights sha256 ([0-9a-f]{64})", proc.stderr))
     assert set(digests) == {"0", "1"}, proc.stderr[-3000:]
     assert digests["0"] == digests["1"]
-    # Rank 0 alone writes: one metrics line per iteration, not two.
-    assert len((tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()) == 3
+    # Rank 0 alone writes: one metrics line per iteration, not two; identical weights must also be sane ones.
+    records = [json.loads(line) for line in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in records] == [1, 2, 3]
+    losses = [v for r in records for k, v in r.items() if k.startswith(("d/", "g/"))]
+    assert len(losses) == 3 * 9 and all(math.isfinite(v) for v in losses)

@@ -138,3 +138,17 @@ def test_simdcl_heads(load_ref):
         assert max_abs(outs[name], ref[f"out_{name}_{inp}"]) <= 1e-6
     loss = 10 * (similarity_l1(outs["F3"], outs["F6"]) + similarity_l1(outs["F4"], outs["F5"]))
     assert abs(loss.item() - ref["loss_sim_weighted"].item()) <= 1e-5
+
+
+def test_l2_normalize_is_the_authors_and_has_a_finite_gradient_at_a_zero_row():
+    from training.nets.heads import l2_normalize
+
+    x = torch.randn(5, 8)
+    x[2] = 0.0  # an all-zero patch embedding, as post-ReLU zeros through zero-bias linears give
+    x.requires_grad_(True)
+    y = l2_normalize(x)
+    assert torch.equal(y[2], torch.zeros(8))
+    want = x.detach() / (x.detach().pow(2).sum(1, keepdim=True).sqrt() + 1e-7)  # the authors' formula
+    assert (y - want).abs().max() <= 1e-6
+    y.sum().backward()
+    assert torch.isfinite(x.grad).all()  # the authors' sqrt gives NaN here, and Adam spreads it everywhere

@@ -9,8 +9,17 @@ from torch import nn
 
 
 def l2_normalize(x: torch.Tensor) -> torch.Tensor:
-    """Row-wise x / (||x||_2 + 1e-7): the epsilon is added to the norm, as the authors do."""
-    return x / (x.pow(2).sum(1, keepdim=True).sqrt() + 1e-7)
+    """Row-wise x / (||x||_2 + 1e-7): the epsilon is added to the norm, as the authors do.
+
+    The norm is the authors' ``sqrt(sum(x**2))``, except that an all-zero row gets norm 0 through a
+    branch with a zero gradient: sqrt's gradient there is inf * 0 = NaN. Such rows occur (a patch of
+    post-ReLU zeros through an MLP with zero biases, the training init), and one NaN gradient poisons
+    every weight at the next step. Other rows take exactly the authors' operations, in value and gradient.
+    """
+    squares = x.pow(2).sum(1, keepdim=True)
+    nonzero = squares > 0
+    norm = torch.where(nonzero, torch.where(nonzero, squares, 1.0).sqrt(), 0.0)
+    return x / (norm + 1e-7)
 
 
 class PatchSampleF(nn.Module):
