@@ -171,6 +171,10 @@ class Trainer:
         self.epoch, self.epoch_iter, self.iteration = cfg.epoch_count, 0, 0
         self.skipped_images = 0
         self.best_score = math.inf  # the validation score (lower is better) of best.pt
+        # Compute spent on this run across resumes (process CPU seconds, wall seconds in fit):
+        # the x axis of quality-per-CPU-hour curves.
+        self.cpu_seconds, self.wall_seconds = 0.0, 0.0
+        self._clock = (time.process_time(), time.perf_counter())
         self.stop_signal: str | None = None
         self.validator = None
         if cfg.eval_every and self.is_main:
@@ -198,6 +202,8 @@ class Trainer:
             "rng": rng_state(),
             "skipped_images": self.skipped_images,
             "best_score": self.best_score,
+            "cpu_seconds": self._spent()[0],
+            "wall_seconds": self._spent()[1],
         }
 
     def _load(self, path: Path) -> None:
@@ -211,10 +217,19 @@ class Trainer:
         self.epoch, self.epoch_iter, self.iteration = state["epoch"], state["epoch_iter"], state["iteration"]
         self.skipped_images = state.get("skipped_images", 0)
         self.best_score = state.get("best_score", math.inf)
+        self.cpu_seconds, self.wall_seconds = state.get("cpu_seconds", 0.0), state.get("wall_seconds", 0.0)
+        self._clock = (time.process_time(), time.perf_counter())
         set_rng_state(state["rng"])
         if self.rank:
             torch.manual_seed(self.cfg.seed + self.rank + self.iteration)
         log.info("resumed %s at epoch %d, iteration %d", path, self.epoch, self.iteration)
+
+    def _spent(self) -> tuple[float, float]:
+        """(CPU, wall) seconds of this run so far, previous sessions included."""
+        return (
+            round(self.cpu_seconds + time.process_time() - self._clock[0], 1),
+            round(self.wall_seconds + time.perf_counter() - self._clock[1], 1),
+        )
 
     def save(self, label: str = "latest") -> None:
         """``<label>.pt`` plus the authors' ``<label>_net_<name>.pth`` (their epoch label is the bare number)."""
@@ -289,7 +304,9 @@ class Trainer:
             return None
         t0 = time.perf_counter()
         scores, grid = self.validator(self.task)
-        record = {"iteration": self.iteration, "epoch": self.epoch, "event": "eval", **scores}
+        cpu, wall = self._spent()
+        record = {"iteration": self.iteration, "epoch": self.epoch, "event": "eval", "cpu_hours": round(cpu / 3600, 3)}
+        record.update(wall_hours=round(wall / 3600, 3), **scores)
         record["eval_seconds"] = round(time.perf_counter() - t0, 2)
         if scores["score"] < self.best_score:
             self.best_score = scores["score"]

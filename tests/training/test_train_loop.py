@@ -158,3 +158,56 @@ def test_sigterm_checkpoints_exits_zero_and_resume_continues_exactly(tmp_path):
     for want, got in zip(whole, cut, strict=True):
         for key in LOSS_KEYS:  # logged to 6 decimals; a wrong resume (data order, RNG) is off by far more
             assert got[key] == pytest.approx(want[key], abs=1e-5), (got["iteration"], key)
+
+
+class FakeWriter:
+    """Records what the trainer sends to TensorBoard."""
+
+    def __init__(self) -> None:
+        self.scalars: dict[str, list[tuple[int, float]]] = {}
+        self.images: list[tuple[str, tuple[int, ...], int]] = []
+        self.closed = False
+
+    def add_scalar(self, tag: str, value: float, step: int) -> None:
+        self.scalars.setdefault(tag, []).append((step, value))
+
+    def add_image(self, tag: str, image: np.ndarray, step: int, dataformats: str) -> None:
+        assert dataformats == "HWC"
+        self.images.append((tag, image.shape, step))
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_tensorboard_gets_losses_learning_rate_scores_and_samples(tiny_dataroot, tmp_path, monkeypatch):
+    writer = FakeWriter()
+    monkeypatch.setattr(trainer_module, "open_tensorboard", lambda folder: writer)
+    cfg = tiny_config(tiny_dataroot, tmp_path, max_iters=4, eval_every=2, print_freq=2, data=_val_data(tiny_dataroot))
+    trainer = Trainer(cfg)
+    trainer.validator = ScriptedValidator([0.4, 0.3])
+    trainer.fit()
+    assert [step for step, _ in writer.scalars["loss/g/total"]] == [2, 4]
+    assert writer.scalars["lr"][0] == (2, pytest.approx(cfg.optim.lr))
+    assert writer.scalars["val/score"] == [(2, 0.4), (4, 0.3)]
+    assert [(tag, step) for tag, _, step in writer.images] == [("val/samples", 2), ("val/samples", 4)]
+    assert writer.closed
+    evals = eval_lines(trainer.run_dir)
+    assert all(e["cpu_hours"] > 0 and e["wall_hours"] > 0 for e in evals)
+    assert evals[1]["cpu_hours"] >= evals[0]["cpu_hours"]
+
+
+def test_without_tensorboard_installed_the_trainer_logs_to_jsonl_only(tmp_path, monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_tensorboard(name, *args, **kwargs):
+        if name.startswith("torch.utils.tensorboard"):
+            raise ImportError("No module named 'tensorboard'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_tensorboard)
+    assert trainer_module.open_tensorboard(tmp_path / "tb") is None
