@@ -442,11 +442,12 @@ def test_prometheus_scrapes_the_service_in_compose(stack: Stack) -> None:
 
 
 def test_compose_stop_drains_and_exits_0(engine: Engine, stack: Stack) -> None:
+    (name,) = [r["Name"] for s, r in compose_containers(engine).items() if s == "dclgan"]
+    assert engine.inspect(name, "{{json .Config.StopTimeout}}") == STOP_GRACE_S  # compose's stop_grace_period
     started = time.monotonic()
     compose(engine, "stop", "dclgan", timeout=STOP_GRACE_S + 30)  # SIGTERM, SIGKILL after stop_grace_period
     assert time.monotonic() - started < STOP_GRACE_S - 5
-    (row,) = [r for s, r in compose_containers(engine).items() if s == "dclgan"]
-    assert engine.inspect(row["Name"], "{{json .State.ExitCode}}") == 0
+    assert engine.inspect(name, "{{json .State.ExitCode}}") == 0
 
 
 def test_grafana_is_not_run_here() -> None:
