@@ -278,7 +278,7 @@ def main(argv: list[str]) -> int:
     """``dclgan export --checkpoint checkpoints/NAME --model-name M --domains A B --out models/``."""
     p = argparse.ArgumentParser(prog="dclgan export", description="Export a training run's generators to ONNX.")
     p.add_argument("--checkpoint", type=Path, required=True, help="run folder holding latest.pt")
-    p.add_argument("--label", default="latest", help="checkpoint label: latest or epoch_N")
+    p.add_argument("--label", default="latest", help="checkpoint label: latest, best (with --eval-every) or epoch_N")
     _common_args(p)
     args = p.parse_args(argv)
     path = args.checkpoint / f"{args.label}.pt"
