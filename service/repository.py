@@ -88,6 +88,12 @@ class InputContract(_Frozen):
     multiple_of: int = Field(default=4, ge=1, description="H and W must be multiples of this")
     min_size: int = Field(default=8, ge=1, description="smallest H and W the network accepts")
     native_size: int = Field(default=256, ge=1, description="training resolution")
+    working_side: int | None = Field(
+        default=None,
+        ge=8,
+        description="the longer side images are scaled to before translation by default (measured best for this "
+        "model; a request's max_side overrides it); None: the server's max_side alone",
+    )
 
 
 class Provenance(_Frozen):

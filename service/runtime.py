@@ -295,6 +295,8 @@ class Engine:
             raise ValueError(f"direction {direction!r} was not opened; opened: {', '.join(self.runners)}")
         runner = self.runners[direction]
         contract = self.model.card.input
+        if max_side is None:
+            max_side = contract.working_side
         prepared = [
             to_input(img, max_side=max_side, multiple_of=contract.multiple_of, min_size=contract.min_size)
             for img in images

@@ -36,6 +36,9 @@ class ModelInfo(BaseModel):
     domains: tuple[str, str]
     precision: str = Field(description="which ONNX file is served: float32 or float16")
     native_size: int = Field(description="training resolution (pixels)")
+    working_side: int | None = Field(
+        description="the longer side images are scaled to by default for this model (a request's max_side overrides)"
+    )
     multiple_of: int = Field(description="inputs are padded so H and W are multiples of this")
     directions: list[DirectionInfo]
     provenance: dict[str, Any]

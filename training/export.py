@@ -160,6 +160,7 @@ def export_model(
     out_root: Path,
     provenance: Provenance,
     native_size: int,
+    working_side: int | None = None,
     version: str = "1",
     description: str = "",
     fp16: bool = False,
@@ -205,7 +206,9 @@ def export_model(
         description=description,
         domains=domains,
         directions=directions,
-        input=InputContract(input_name=INPUT_NAME, output_name=OUTPUT_NAME, native_size=native_size),
+        input=InputContract(
+            input_name=INPUT_NAME, output_name=OUTPUT_NAME, native_size=native_size, working_side=working_side
+        ),
         provenance=provenance,
     )
     card.write(model_dir)
@@ -238,6 +241,12 @@ def _common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--domains", nargs=2, required=True, metavar=("A", "B"), help="e.g. horse zebra")
     p.add_argument("--out", type=Path, default=Path("models"), help="model repository root")
     p.add_argument("--version", default="1")
+    p.add_argument(
+        "--working-side",
+        type=int,
+        default=None,
+        help="the longer side the service and translate scale images to by default (measure it with evaluate --size)",
+    )
     p.add_argument("--description", default="")
     p.add_argument("--fp16", action="store_true", help="also write float16 variants (for GPUs)")
     p.add_argument("--training-data", default="", help="provenance: what the weights were trained on")
@@ -264,6 +273,7 @@ def _run_export(args: argparse.Namespace, gens: dict[str, ResnetGenerator], prov
             out_root=args.out,
             provenance=provenance,
             native_size=native,
+            working_side=args.working_side,
             version=args.version,
             description=args.description,
             fp16=args.fp16,

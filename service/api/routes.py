@@ -33,7 +33,7 @@ from service.schemas import (
     ModelsResponse,
     ReadyResponse,
 )
-from service.state import AppState, Phase
+from service.state import AppState, Phase, ServedDirection
 
 logger = logging.getLogger(__name__)
 
@@ -57,8 +57,8 @@ _RETRY_AFTER = {
 _BINARY = {"type": "string", "format": "binary"}
 _RESIZE_POLICY = (
     "Resize policy: the image is decoded (EXIF orientation applied, any mode converted to RGB), scaled down "
-    "so that its longer side is at most `max_side` (the working resolution, default `DCLGAN_MAX_SIDE`; never "
-    "scaled up), reflect-padded to a multiple of 4, translated, cropped and scaled back: **the output always "
+    "so that its longer side is at most `max_side` (the working resolution; default: the model's recommended "
+    "`working_side` from `/models`, else `DCLGAN_MAX_SIDE`, which also caps it; never scaled up), reflect-padded to a multiple of 4, translated, cropped and scaled back: **the output always "
     "has exactly the input's width and height**. Larger working resolutions keep more detail but cost time "
     "in proportion to the pixel count."
 )
@@ -108,14 +108,20 @@ translate_router = APIRouter(prefix="/translate", tags=["translate"], dependenci
 router = APIRouter()
 
 
-def _options(state: AppState, fmt: OutputFormat, max_side: int | None, timeout_ms: int | None) -> Options:
+def _options(
+    state: AppState, served: ServedDirection, fmt: OutputFormat, max_side: int | None, timeout_ms: int | None
+) -> Options:
+    """The request's options; its working side defaults to the model's recommended one, and no side
+    exceeds ``DCLGAN_MAX_SIDE``."""
     settings = state.settings
     timeout_s = (
         settings.request_timeout_s
         if timeout_ms is None
         else min(timeout_ms / 1000, settings.request_timeout_s)
     )
-    side = settings.max_side if max_side is None else min(max_side, settings.max_side)
+    if max_side is None:
+        max_side = served.model.card.input.working_side or settings.max_side
+    side = min(max_side, settings.max_side)
     return Options(fmt=fmt, max_side=side, deadline=time.monotonic() + timeout_s)
 
 
@@ -165,7 +171,7 @@ async def translate_image(
     with state.admit(), _body_memory(request, state):
         refuse_if_full(served, state)  # an overload is refused before a 10 MiB upload is read
         (upload,) = await read_uploads(request, field="image", max_files=1)
-        options = _options(state, output_format, max_side, timeout_ms)
+        options = _options(state, served, output_format, max_side, timeout_ms)
         out: Translated = await unless_disconnected(request, translate(upload.data, served, options, state))
     headers = {
         "X-Model-Version": served.model.card.version,
@@ -196,7 +202,7 @@ async def translate_batch(
     with state.admit(), _body_memory(request, state):
         refuse_if_full(served, state)  # as for one image: no room, no reading 16 files
         uploads = await read_uploads(request, field="images", max_files=state.settings.max_batch_items)
-        options = _options(state, fmt or "png", max_side, timeout_ms)
+        options = _options(state, served, fmt or "png", max_side, timeout_ms)
         jobs = asyncio.gather(
             *(translate(u.data, served, options, state) for u in uploads), return_exceptions=True
         )
@@ -260,6 +266,7 @@ async def list_models(state: State) -> ModelsResponse:
                 domains=card.domains,
                 precision=state.settings.precision,
                 native_size=card.input.native_size,
+                working_side=card.input.working_side,
                 multiple_of=card.input.multiple_of,
                 directions=[],
                 provenance=card.provenance.model_dump(),
