@@ -58,7 +58,8 @@ _BINARY = {"type": "string", "format": "binary"}
 _RESIZE_POLICY = (
     "Resize policy: the image is decoded (EXIF orientation applied, any mode converted to RGB), scaled down "
     "so that its longer side is at most `max_side` (the working resolution; default: the model's recommended "
-    "`working_side` from `/models`, else `DCLGAN_MAX_SIDE`, which also caps it; never scaled up), reflect-padded to a multiple of 4, translated, cropped and scaled back: **the output always "
+    "`working_side` from `/models`, else `DCLGAN_MAX_SIDE`, which also caps it; never scaled up), "
+    "reflect-padded to a multiple of 4, translated, cropped and scaled back: **the output always "
     "has exactly the input's width and height**. Larger working resolutions keep more detail but cost time "
     "in proportion to the pixel count."
 )
