@@ -268,7 +268,15 @@ class SimDCLTask(DCLTask):
     def head_modules(self) -> list[nn.Module]:
         return [self.head_a, self.head_b, self.sim_real_a, self.sim_fake_b, self.sim_real_b, self.sim_fake_a]
 
-    def contrast(self, key_feats, fake, key_head, query_gen, query_head, draws=None) -> Contrast:  # type: ignore[override]
+    def contrast(
+        self,
+        key_feats: list[torch.Tensor],
+        fake: torch.Tensor,
+        key_head: PatchSampleF,
+        query_gen: ResnetGenerator,
+        query_head: PatchSampleF,
+        draws: IdDraws | None = None,
+    ) -> Contrast:
         result = super().contrast(key_feats, fake, key_head, query_gen, query_head, draws)
         # Same query features, fresh patch ids (spec 9.2): the fake side of the similarity loss.
         fresh_ids = next(draws) if draws is not None else None
