@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--model", required=True, type=Path, help="model folder, e.g. models/horse2zebra")
     parser.add_argument("--direction", required=True, help="e.g. horse2zebra (see the model's model.json)")
-    parser.add_argument("in_dir", type=Path, metavar="IN_DIR")
+    parser.add_argument("in_dir", type=Path, metavar="IN_DIR", help="folder of images to translate (not recursive)")
     parser.add_argument("out_dir", type=Path, metavar="OUT_DIR", help="created if missing")
     parser.add_argument("--batch-size", type=positive_int, default=4, help="images per run (same size only)")
     parser.add_argument("--device", type=device_arg, default="cpu", help="cpu, cuda or cuda:N (default: cpu)")

@@ -240,18 +240,18 @@ def _common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model-name", required=True, help="folder name under --out, e.g. horse2zebra")
     p.add_argument("--domains", nargs=2, required=True, metavar=("A", "B"), help="e.g. horse zebra")
     p.add_argument("--out", type=Path, default=Path("models"), help="model repository root")
-    p.add_argument("--version", default="1")
+    p.add_argument("--version", default="1", help="model version recorded in model.json and shown by /models")
     p.add_argument(
         "--working-side",
         type=int,
         default=None,
         help="the longer side the service and translate scale images to by default (measure it with evaluate --size)",
     )
-    p.add_argument("--description", default="")
+    p.add_argument("--description", default="", help="free text recorded in model.json")
     p.add_argument("--fp16", action="store_true", help="also write float16 variants (for GPUs)")
     p.add_argument("--training-data", default="", help="provenance: what the weights were trained on")
     p.add_argument("--license", default="", help="provenance: licence and terms of the weights")
-    p.add_argument("--notes", default="")
+    p.add_argument("--notes", default="", help="provenance: anything else a user of the weights should know")
 
 
 def _run_export(args: argparse.Namespace, gens: dict[str, ResnetGenerator], prov: dict, native: int) -> int:
@@ -314,7 +314,7 @@ def import_official_main(argv: list[str]) -> int:
     )
     p.add_argument("--checkpoints-dir", type=Path, required=True, help="folder with <epoch>_net_G_A.pth, _G_B.pth")
     p.add_argument("--epoch", default="latest", help="checkpoint label (file prefix)")
-    p.add_argument("--model-type", default="dcl", choices=["dcl", "simdcl"])
+    p.add_argument("--model-type", default="dcl", choices=["dcl", "simdcl"], help="provenance: dcl or simdcl weights")
     p.add_argument("--native-size", type=int, default=256, help="training resolution of the weights")
     p.add_argument("--ngf", type=int, help="override the inferred width")
     p.add_argument("--n-blocks", type=int, help="override the inferred number of residual blocks")

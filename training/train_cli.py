@@ -6,86 +6,110 @@ import argparse
 import json
 import logging
 import os
-from dataclasses import fields, replace
+from dataclasses import MISSING, fields, replace
 from pathlib import Path
+from typing import Any
 
-from training.config import DataConfig, ModelConfig, OptimConfig, TrainConfig
+from training.config import APPLIED_WEIGHTS, DataConfig, ModelConfig, OptimConfig, TrainConfig
 from training.data import DataError
 
 log = logging.getLogger(__name__)
 
 
+def field_default(cls: type, name: str) -> Any:
+    """The default of a config dataclass field: the one source of ``dclgan train``'s defaults."""
+    (found,) = [f for f in fields(cls) if f.name == name]
+    return found.default_factory() if found.default is MISSING else found.default  # type: ignore[misc]
+
+
+def _int_tuple(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(","))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from exc
+
+
+def _weight_help(name: str, what: str) -> str:
+    """``--lambda-*`` help from :data:`APPLIED_WEIGHTS`: which model applies the weight, at what default."""
+    applied = {model: weights[name] for model, weights in APPLIED_WEIGHTS.items() if name in weights}
+    defaults = ", ".join(f"{value} with {model}" for model, value in applied.items())
+    return f"{what}, used by {' and '.join(applied)} only: an error with any other model (None: {defaults})"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="dclgan train", description="Train DCLGAN (dcl) or SimDCL (simdcl).")
-    p.add_argument("--dataroot", required=True, help="folder with trainA/ and trainB/")
-    p.add_argument("--name", default="experiment", help="run name: checkpoints go to CHECKPOINTS_DIR/NAME")
-    p.add_argument("--checkpoints-dir", default="checkpoints")
-    p.add_argument("--model", choices=["dcl", "simdcl"], default="dcl")
+    p = argparse.ArgumentParser(
+        prog="dclgan train",
+        description="Train DCLGAN (dcl) or SimDCL (simdcl). Defaults are the authors' code defaults.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+
+    def add(group: Any, cls: type, flag: str, help_text: str, **kwargs: Any) -> None:
+        """An option whose destination is the field of ``cls`` named like the flag, defaulting to that field."""
+        dest = kwargs.pop("dest", flag.lstrip("-").replace("-", "_").lower())
+        group.add_argument(flag, dest=dest, default=field_default(cls, dest), help=help_text, **kwargs)
+
+    p.add_argument("--dataroot", required=True, default=argparse.SUPPRESS, help="folder with trainA/ and trainB/")
+    add(p, TrainConfig, "--name", "run name: checkpoints go to CHECKPOINTS_DIR/NAME")
+    add(p, TrainConfig, "--checkpoints-dir", "folder holding one folder per run")
+    add(p, ModelConfig, "--model", "dcl (DCLGAN) or simdcl (SimDCL)", choices=["dcl", "simdcl"])
     p.add_argument("--resume", action="store_true", help="continue from CHECKPOINTS_DIR/NAME/latest.pt")
     m, o, d, t = (p.add_argument_group(g) for g in ("networks and losses", "optimiser", "data", "run"))
-    m.add_argument("--ngf", type=int, default=64)
-    m.add_argument("--ndf", type=int, default=64)
-    m.add_argument("--n-blocks", type=int, default=9, help="residual blocks (resnet_9blocks = 9)")
-    m.add_argument("--netF-nc", dest="netf_nc", type=int, default=256)
-    m.add_argument("--nce-layers", default="4,8,12,16")
-    m.add_argument("--num-patches", type=int, default=256)
-    m.add_argument("--nce-T", dest="nce_t", type=float, default=0.07)
-    m.add_argument("--gan-mode", choices=["hinge", "lsgan"], default="hinge")
-    m.add_argument("--lambda-GAN", dest="lambda_gan", type=float, default=1.0)
-    m.add_argument("--lambda-NCE", dest="lambda_nce", type=float, default=None, help="dcl only (default 2.0)")
-    m.add_argument("--lambda-IDT", dest="lambda_idt", type=float, default=None, help="dcl only (default 1.0)")
-    m.add_argument("--lambda-SIM", dest="lambda_sim", type=float, default=None, help="simdcl only (default 10.0)")
-    o.add_argument("--lr", type=float, default=2e-4)
-    o.add_argument("--beta1", type=float, default=0.5)
-    o.add_argument("--beta2", type=float, default=0.999)
-    o.add_argument("--head-lr", type=float, default=None, help="default: the authors' (DCL 1e-3, SimDCL --lr)")
-    d.add_argument("--load-size", type=int, default=286)
-    d.add_argument("--crop-size", type=int, default=256)
-    d.add_argument("--no-flip", action="store_true")
-    d.add_argument("--max-dataset-size", type=int, default=None)
-    d.add_argument("--batch-size", type=int, default=1)
-    d.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes (images are cached in RAM)")
+    add(m, ModelConfig, "--ngf", "generator filters in the first convolution", type=int)
+    add(m, ModelConfig, "--ndf", "discriminator filters in the first convolution", type=int)
+    add(m, ModelConfig, "--n-blocks", "generator residual blocks (resnet_9blocks = 9)", type=int)
+    add(m, ModelConfig, "--netF-nc", "features of the patch projection heads (netF)", type=int)
+    nce_layers = "generator layers whose features PatchNCE compares"
+    add(m, ModelConfig, "--nce-layers", nce_layers, type=_int_tuple, metavar="N,N,...")
+    add(m, ModelConfig, "--num-patches", "patches sampled per layer for PatchNCE", type=int)
+    add(m, ModelConfig, "--nce-T", "PatchNCE temperature", type=float)
+    add(m, ModelConfig, "--gan-mode", "adversarial loss", choices=["hinge", "lsgan"])
+    add(m, ModelConfig, "--lambda-GAN", "weight of the adversarial loss", type=float)
+    add(m, ModelConfig, "--lambda-NCE", _weight_help("lambda_nce", "weight of the PatchNCE loss"), type=float)
+    add(m, ModelConfig, "--lambda-IDT", _weight_help("lambda_idt", "weight of the identity loss"), type=float)
+    add(m, ModelConfig, "--lambda-SIM", _weight_help("lambda_sim", "weight of the similarity loss"), type=float)
+    add(o, OptimConfig, "--lr", "Adam learning rate of G and D", type=float)
+    add(o, OptimConfig, "--beta1", "Adam beta1 of G and D", type=float)
+    add(o, OptimConfig, "--beta2", "Adam beta2 of G and D", type=float)
+    add(o, OptimConfig, "--head-lr", "learning rate of the projection heads (None: DCL 1e-3, SimDCL --lr)", type=float)
+    add(d, DataConfig, "--load-size", "images are resized to this before the random crop", type=int)
+    add(d, DataConfig, "--crop-size", "training crop (a multiple of 4)", type=int)
+    add(d, DataConfig, "--no-flip", "no random horizontal flips", action="store_true")
+    add(d, DataConfig, "--max-dataset-size", "at most this many images per domain (None: all)", type=int)
+    add(d, DataConfig, "--batch-size", "images per domain per iteration", type=int)
+    add(d, DataConfig, "--num-workers", "DataLoader worker processes (images are cached in RAM)", type=int)
     d.add_argument(
         "--val-size",
         type=int,
         default=None,
-        help="images per domain held out of trainA/trainB for validation (default: 100 with --eval-every, else 0)",
+        help="images per domain held out of trainA/trainB for validation (None: 100 with --eval-every, else 0)",
     )
-    d.add_argument("--cache-mb", type=int, default=2048, help="RAM for decoded, resized training images")
-    t.add_argument("--n-epochs", type=int, default=200, help="epochs at the full learning rate")
-    t.add_argument("--n-epochs-decay", type=int, default=200, help="epochs of linear decay to ~0")
-    t.add_argument("--epoch-count", type=int, default=1)
-    t.add_argument("--max-iters", type=int, default=None, help="stop after this many iterations")
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument(
+    add(d, DataConfig, "--cache-mb", "RAM for decoded, resized training images", type=int)
+    add(t, TrainConfig, "--n-epochs", "epochs at the full learning rate", type=int)
+    add(t, TrainConfig, "--n-epochs-decay", "epochs of linear decay to ~0", type=int)
+    add(t, TrainConfig, "--epoch-count", "number the first epoch gets (the authors' option for restarts)", type=int)
+    add(t, TrainConfig, "--max-iters", "stop after this many iterations (None: train every epoch)", type=int)
+    add(t, TrainConfig, "--seed", "seed of weights, data order and augmentation", type=int)
+    add(
+        t,
+        TrainConfig,
         "--amp",
+        "bf16 autocast; auto uses it where the device has native bf16 kernels (GPUs, AVX-512 BF16/AMX CPUs)",
         choices=["auto", "none", "bf16"],
-        default="auto",
-        help="bf16 autocast; auto uses it where the device has native bf16 kernels (GPUs, AVX-512 BF16/AMX CPUs)",
     )
-    t.add_argument(
-        "--channels-last",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="NHWC memory layout for networks and batches",
-    )
-    t.add_argument(
-        "--tf32",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="CUDA: allow TF32 matmuls and convolutions (--no-tf32: exact fp32)",
-    )
-    t.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
-    t.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
-    t.add_argument("--save-latest-freq", type=int, default=5000, help="iterations between latest.pt saves")
-    t.add_argument("--save-epoch-freq", type=int, default=50)
-    t.add_argument("--print-freq", type=int, default=10, help="iterations between progress-bar loss updates")
-    t.add_argument("--sample-freq", type=int, default=400, help="iterations between sample grids")
-    t.add_argument(
+    add(t, TrainConfig, "--channels-last", "NHWC memory layout", action=argparse.BooleanOptionalAction)
+    add(t, TrainConfig, "--tf32", "CUDA: TF32 matmuls and convolutions", action=argparse.BooleanOptionalAction)
+    add(t, TrainConfig, "--threads", "torch intra-op threads (None: torch's default)", type=int)
+    add(t, TrainConfig, "--device", "auto, cpu, cuda or cuda:N")
+    add(t, TrainConfig, "--save-latest-freq", "iterations between latest.pt saves", type=int)
+    add(t, TrainConfig, "--save-epoch-freq", "epochs between epoch_<E>.pt saves", type=int)
+    add(t, TrainConfig, "--print-freq", "iterations between progress-bar loss updates", type=int)
+    add(t, TrainConfig, "--sample-freq", "iterations between sample grids", type=int)
+    add(
+        t,
+        TrainConfig,
         "--eval-every",
+        "iterations between validation FID/KID runs on held-out images; keeps best.pt (0: never)",
         type=int,
-        default=0,
-        help="iterations between validation FID/KID runs on held-out images; keeps best.pt (0: never)",
     )
     return p
 
@@ -96,7 +120,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     def pick(cls, **extra):
         return cls(**{f.name: raw[f.name] for f in fields(cls) if f.name in raw and f.name not in extra}, **extra)
 
-    model = pick(ModelConfig, nce_layers=tuple(int(x) for x in args.nce_layers.split(",")))
+    model = pick(ModelConfig)
     if raw["val_size"] is None:
         raw["val_size"] = 100 if args.eval_every else 0
     return TrainConfig(
