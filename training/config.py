@@ -51,10 +51,10 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if list(self.nce_layers) != sorted(self.nce_layers):
             raise ValueError("nce_layers must be ascending")
-        if self.model == "simdcl" and (self.num_patches != 256 or len(self.nce_layers) != 4):
-            # The similarity heads read a (4 layers, 256 patches, netF_nc) stack (spec 9.1); the
-            # authors also fix netF_nc at 256 there, but the heads' weights do not depend on it.
-            raise ValueError("SimDCL's similarity heads need num_patches=256 and four nce_layers (spec 9.1)")
+        if self.model == "simdcl" and self.num_patches != 256:
+            # The similarity heads read a (layers, 256 patches, netF_nc) stack, one channel per layer
+            # (spec 9.1); the authors also fix netF_nc at 256, but the heads' weights do not depend on it.
+            raise ValueError("SimDCL's similarity heads need num_patches=256 (spec 9.1)")
         applied = APPLIED_WEIGHTS[self.model]
         for name, flag in WEIGHT_FLAGS.items():
             value = getattr(self, name)

@@ -24,7 +24,7 @@ from tests.training.reference_step import (
     record_sim_outputs,
     step,
 )
-from training.config import OptimConfig
+from training.config import ModelConfig, OptimConfig
 
 
 @pytest.fixture(scope="module")
@@ -66,3 +66,11 @@ def test_full_step_losses_gradients_and_all_ten_networks(ref):
     assert set(grads) == set(ref["step_grads"])  # all ten networks, the key-side heads F1 and F2 included
     assert_grads(ref, grads)
     assert_post_state(task, ref)
+
+
+def test_simdcl_needs_256_patches_but_any_head_width():
+    # The similarity heads read 256 patch rows per layer; their weights do not depend on netF_nc
+    # (the record above uses 32, the authors' default is 256).
+    assert ModelConfig(model="simdcl", netf_nc=32).netf_nc == 32
+    with pytest.raises(ValueError, match="num_patches=256"):
+        ModelConfig(model="simdcl", num_patches=128)
