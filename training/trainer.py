@@ -305,8 +305,8 @@ class Trainer:
         t0 = time.perf_counter()
         scores, grid = self.validator(self.task)
         cpu, wall = self._spent()
-        record = {"iteration": self.iteration, "epoch": self.epoch, "event": "eval", "cpu_hours": round(cpu / 3600, 3)}
-        record.update(wall_hours=round(wall / 3600, 3), **scores)
+        record = {"iteration": self.iteration, "epoch": self.epoch, "event": "eval", "cpu_hours": round(cpu / 3600, 5)}
+        record.update(wall_hours=round(wall / 3600, 5), **scores)
         record["eval_seconds"] = round(time.perf_counter() - t0, 2)
         if scores["score"] < self.best_score:
             self.best_score = scores["score"]
