@@ -15,6 +15,8 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from service.openvino_runner import choose
+
 _DEVICE = re.compile(r"^(cpu|cuda:\d+)$")
 MiB = 1024 * 1024
 # Measured best per device kind (docs/benchmarks.md): on CPUs a batch costs ~9% more per image than
@@ -67,8 +69,21 @@ class Settings(BaseSettings):
     intra_op_threads: int = Field(
         0, ge=0, description="onnxruntime threads per CPU session (0: one per core)"
     )
-    precision: Literal["float32", "float16"] = Field(
-        "float32", description="which ONNX file of each direction"
+    engine: Literal["auto", "onnxruntime", "openvino"] = Field(
+        "auto",
+        description="inference engine: `auto` (OpenVINO for CPU devices when installed, onnxruntime for GPUs), "
+        "`onnxruntime` or `openvino` (CPUs only; the `cpu-fast` extra)",
+    )
+    precision: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        "float32",
+        description="`float32` or `float16` (which ONNX file), `bfloat16` (OpenVINO on a CPU with native bf16) or "
+        "`auto` (bfloat16 where that holds, else float32)",
+    )
+    psnr_floor_db: float = Field(
+        40.0,
+        ge=0,
+        description="a reduced precision whose output on a probe image is below this PSNR (dB) against float32 at "
+        "start falls back to float32",
     )
     max_batch_size: int = Field(
         CPU_MAX_BATCH_SIZE,
@@ -149,6 +164,16 @@ class Settings(BaseSettings):
                 f"max_request_memory_bytes ({self.max_request_memory_bytes}) must hold twice max_upload_bytes "
                 f"({self.max_upload_bytes}), a body while it is joined"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _engine_runs_here(self) -> Settings:
+        """An engine or precision the devices cannot run is refused at start, in one line."""
+        for device in self.devices:
+            try:
+                choose(self.engine, self.precision, device)
+            except ValueError as exc:
+                raise ValueError(f"DCLGAN_ENGINE={self.engine}, DCLGAN_PRECISION={self.precision}: {exc}") from None
         return self
 
     @field_validator("devices")

@@ -34,7 +34,15 @@ from service.config import Settings, get_settings
 from service.errors import ErrorPolicy
 from service.metrics import build_metrics
 from service.repository import InputContract, LoadedModel, ModelRepositoryError, scan_repository
-from service.runtime import ProviderUnavailable, RunnerConfig, default_threads, open_runner, threads_per_session
+from service.runtime import (
+    ProviderUnavailable,
+    RunnerConfig,
+    default_threads,
+    file_variant,
+    native_side,
+    open_runner,
+    threads_per_session,
+)
 from service.state import AppState, Phase, ServedDirection
 from service.workers import DeviceRunner, DirectionPlan, WorkerPool
 
@@ -51,7 +59,8 @@ _DESCRIPTION = (
 
 
 def onnx_runner_factory(settings: Settings, *, cpu_sessions: int) -> RunnerFactory:
-    """Runners over onnxruntime sessions (:func:`service.runtime.open_runner`), configured from ``settings``.
+    """Runners over the ONNX files, onnxruntime sessions or OpenVINO compiled models as ``settings`` choose
+    (:func:`service.runtime.open_runner`).
 
     ``cpu_sessions``: how many CPU sessions the pool opens; with ``intra_op_threads=0`` they share the
     usable cores out instead of each taking all of them.
@@ -61,7 +70,9 @@ def onnx_runner_factory(settings: Settings, *, cpu_sessions: int) -> RunnerFacto
     def open_onnx(model: LoadedModel, direction: str, device: str) -> DeviceRunner:
         config = RunnerConfig(
             device=device,
+            engine=settings.engine,
             precision=settings.precision,
+            psnr_floor_db=settings.psnr_floor_db,
             intra_op_threads=threads,
             require_gpu=settings.require_gpu,
             conv_algo_search=settings.cudnn_conv_algo_search,
@@ -73,7 +84,7 @@ def onnx_runner_factory(settings: Settings, *, cpu_sessions: int) -> RunnerFacto
 
 def warmup_input(contract: InputContract) -> np.ndarray:
     """A (1, 3, S, S) batch at the training resolution, S rounded up to the model's multiple."""
-    side = -(-max(contract.native_size, contract.min_size) // contract.multiple_of) * contract.multiple_of
+    side = native_side(contract)
     return np.random.default_rng(0).uniform(-1, 1, (1, 3, side, side)).astype(np.float32)
 
 
@@ -98,7 +109,7 @@ def start(state: AppState, runner_factory: RunnerFactory | None) -> None:
             if spec.name in directions:
                 other = directions[spec.name].model.name
                 raise ModelRepositoryError(f"direction {spec.name!r} is in both {other!r} and {model.name!r}")
-            model.path(spec.name, settings.precision)  # fail now if the precision's file is missing
+            model.path(spec.name, file_variant(settings.precision))  # fail now if the precision's file is missing
             batcher = Batcher(
                 max_batch_size=settings.max_batch_size,
                 max_batch_pixels=settings.max_batch_pixels,
@@ -142,8 +153,16 @@ def _watch(state: AppState, directions: dict[str, ServedDirection], pool: Worker
     metrics.watch(metrics.ready, lambda: float(state.phase is Phase.READY))
     for inst in pool.instances:
         card = directions[inst.direction.name].model.card
+        runner = inst.runner
+        psnr = "" if runner.psnr_db is None else f"{runner.psnr_db:.1f}"
         metrics.model.labels(card.name, inst.direction.name, inst.device).info(
-            {"version": card.version, "provider": inst.runner.provider}
+            {
+                "version": card.version,
+                "provider": runner.provider,
+                "engine": runner.engine,
+                "precision": runner.precision,
+                "psnr_db": psnr,
+            }
         )
 
 

@@ -16,14 +16,17 @@ from collections import defaultdict
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import numpy as np
 import onnxruntime as ort
 from PIL import Image
 
 from service.imaging import from_output, to_input
-from service.repository import LoadedModel, Variant
+from service.repository import InputContract, LoadedModel, Variant
+
+if TYPE_CHECKING:
+    from service.openvino_runner import OpenVinoRunner
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +34,10 @@ CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
 ConvAlgoSearch = Literal["EXHAUSTIVE", "HEURISTIC", "DEFAULT"]
 ProviderSpec = str | tuple[str, dict[str, Any]]
+EngineName = Literal["auto", "onnxruntime", "openvino"]
+# float32/float16 name an ONNX file; bfloat16 is OpenVINO computing the float32 file in bf16 (CPUs with native
+# bf16 only); auto picks per device (see service.openvino_runner.choose).
+Precision = Literal["auto", "float32", "float16", "bfloat16"]
 
 
 class ProviderUnavailable(RuntimeError):
@@ -41,6 +48,41 @@ class Runner(Protocol):
     """What the batching workers call: (N, 3, H, W) float32 in [-1, 1] -> the same shape."""
 
     def run(self, batch: np.ndarray) -> np.ndarray: ...
+
+
+def checked_batch(batch: np.ndarray) -> np.ndarray:
+    """The Runner contract's input: (N, 3, H, W), as contiguous float32.
+
+    Raises:
+        ValueError: a batch that is not (N, 3, H, W).
+    """
+    if batch.ndim != 4 or batch.shape[1] != 3:
+        raise ValueError(f"expected a (N, 3, H, W) batch, got shape {batch.shape}")
+    return np.ascontiguousarray(batch, dtype=np.float32)
+
+
+def checked_output(out: np.ndarray, batch: np.ndarray) -> np.ndarray:
+    """``out`` if it has ``batch``'s shape: one result per input is what lets the caller hand each result to
+    its request.
+
+    Raises:
+        RuntimeError: the model returned a different shape.
+    """
+    if out.shape != batch.shape:
+        raise RuntimeError(f"model returned shape {out.shape} for a batch of shape {batch.shape}")
+    return out
+
+
+def file_variant(precision: Precision) -> Variant:
+    """The ONNX file a precision reads: bfloat16 (and auto) compute from the float32 file."""
+    return "float16" if precision == "float16" else "float32"
+
+
+def native_side(contract: InputContract) -> int:
+    """The square side that warm-up and probe images use: the training resolution, rounded up to what the
+    network accepts."""
+    side = max(contract.native_size, contract.min_size)
+    return -(-side // contract.multiple_of) * contract.multiple_of
 
 
 def parse_device(device: str) -> int | None:
@@ -147,10 +189,16 @@ class OnnxRunner:
     """Runs batches through one onnxruntime session.
 
     Attributes:
+        engine: ``onnxruntime``.
         provider: the execution provider the session really uses (e.g. CPUExecutionProvider).
         device: the device that was asked for.
+        precision: the ONNX file it runs (float32 or float16).
+        psnr_db: None: the file runs as exported, nothing is verified at start.
         input_name, output_name: the graph's tensor names.
     """
+
+    engine = "onnxruntime"
+    psnr_db: float | None = None
 
     def __init__(
         self,
@@ -159,6 +207,7 @@ class OnnxRunner:
         device: str = "cpu",
         input_name: str | None = None,
         output_name: str | None = None,
+        precision: Variant = "float32",
     ) -> None:
         inputs = [i.name for i in session.get_inputs()]
         outputs = [o.name for o in session.get_outputs()]
@@ -171,6 +220,7 @@ class OnnxRunner:
             )
         self.session = session
         self.device = device
+        self.precision = precision
         self.provider = session.get_providers()[0]
 
     @classmethod
@@ -184,8 +234,9 @@ class OnnxRunner:
         conv_algo_search: ConvAlgoSearch = "HEURISTIC",
         input_name: str | None = None,
         output_name: str | None = None,
+        precision: Variant = "float32",
     ) -> OnnxRunner:
-        """Create the session (see :func:`create_session`) and wrap it."""
+        """Create the session (see :func:`create_session`) and wrap it; ``precision`` names the file's variant."""
         session = create_session(
             onnx_path,
             device=device,
@@ -193,23 +244,18 @@ class OnnxRunner:
             require_gpu=require_gpu,
             conv_algo_search=conv_algo_search,
         )
-        return cls(session, device=device, input_name=input_name, output_name=output_name)
+        return cls(session, device=device, input_name=input_name, output_name=output_name, precision=precision)
 
     def run(self, batch: np.ndarray) -> np.ndarray:
         """(N, 3, H, W) float32 in [-1, 1] -> (N, 3, H, W) float32 in (-1, 1).
 
         Raises:
-            ValueError: a batch that is not (N, 3, H, W).
-            RuntimeError: the model returned a different shape (one result per input is what lets the
-                caller hand each result to its request).
+            ValueError: a batch that is not (N, 3, H, W) (:func:`checked_batch`).
+            RuntimeError: the model returned a different shape (:func:`checked_output`).
         """
-        if batch.ndim != 4 or batch.shape[1] != 3:
-            raise ValueError(f"expected a (N, 3, H, W) batch, got shape {batch.shape}")
-        batch = np.ascontiguousarray(batch, dtype=np.float32)
+        batch = checked_batch(batch)
         out: np.ndarray = self.session.run([self.output_name], {self.input_name: batch})[0]
-        if out.shape != batch.shape:
-            raise RuntimeError(f"model returned shape {out.shape} for a batch of shape {batch.shape}")
-        return out
+        return checked_output(out, batch)
 
 
 @dataclass(frozen=True)
@@ -219,7 +265,9 @@ class RunnerConfig:
 
     Attributes:
         device: ``cpu``, ``cuda`` or ``cuda:N``.
-        precision: which ONNX file of the direction.
+        engine: ``onnxruntime``, ``openvino`` (CPUs) or ``auto`` (see :func:`service.openvino_runner.choose`).
+        precision: float32 or float16 (which ONNX file), bfloat16 (OpenVINO on a CPU with native bf16) or auto.
+        psnr_floor_db: a reduced precision below this PSNR against float32 on a probe image falls back to float32.
         intra_op_threads: CPU threads per session; ``None`` for all usable cores.
         require_gpu: a GPU device that onnxruntime cannot use is an error (``ProviderUnavailable``), not a
             silent CPU run; ``False`` allows the fallback, with a warning.
@@ -228,7 +276,9 @@ class RunnerConfig:
     """
 
     device: str = "cpu"
-    precision: Variant = "float32"
+    engine: EngineName = "auto"
+    precision: Precision = "float32"
+    psnr_floor_db: float = 40.0
     intra_op_threads: int | None = None
     require_gpu: bool = True
     conv_algo_search: ConvAlgoSearch = "HEURISTIC"
@@ -237,11 +287,29 @@ class RunnerConfig:
         parse_device(self.device)  # ValueError now, not at the first session
 
 
-def open_runner(model: LoadedModel, direction: str, config: RunnerConfig) -> OnnxRunner:
-    """The one runner factory: a verified session for ``direction`` of ``model``, as ``config`` says."""
+def open_runner(model: LoadedModel, direction: str, config: RunnerConfig) -> OnnxRunner | OpenVinoRunner:
+    """The one runner factory: a verified session for ``direction`` of ``model``, as ``config`` says.
+
+    Raises:
+        ValueError: an engine and precision that cannot run on the device (see ``choose``).
+    """
+    from service.openvino_runner import OpenVinoRunner, choose, probe_input
+
+    engine, precision = choose(config.engine, config.precision, config.device)
     contract = model.card.input
+    if engine == "openvino":
+        return OpenVinoRunner.open(
+            model.path(direction, "float32"),
+            precision=precision,
+            threads=config.intra_op_threads or default_threads(),
+            input_name=contract.input_name,
+            output_name=contract.output_name,
+            probe=probe_input(native_side(contract)),
+            psnr_floor_db=config.psnr_floor_db,
+        )
     return OnnxRunner.open(
-        model.path(direction, config.precision),
+        model.path(direction, precision),
+        precision=precision,
         device=config.device,
         intra_op_threads=config.intra_op_threads,
         require_gpu=config.require_gpu,

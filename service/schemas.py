@@ -16,7 +16,13 @@ class ErrorBody(BaseModel):
 
 class InstanceInfo(BaseModel):
     device: str = Field(description="the configured device, e.g. `cpu` or `cuda:0`")
-    provider: str = Field(description="the onnxruntime execution provider the session really got")
+    provider: str = Field(description="where the engine really runs: the onnxruntime execution provider, or `CPU`")
+    engine: str = Field(description="`onnxruntime` or `openvino`")
+    precision: str = Field(description="what the instance computes in: `float32`, `float16` or `bfloat16`")
+    psnr_db: float | None = Field(
+        description="PSNR (dB) of the reduced precision against float32 on a probe image at start (kept when it fell "
+        "below the floor and float32 is served); null when nothing was reduced"
+    )
     warm: bool = Field(description="the instance has run its warm-up batch")
 
 
@@ -34,7 +40,10 @@ class ModelInfo(BaseModel):
     version: str
     description: str
     domains: tuple[str, str]
-    precision: str = Field(description="which ONNX file is served: float32 or float16")
+    precision: str = Field(
+        description="which ONNX file is served: float32 or float16 (bfloat16 computes from the float32 file; "
+        "each instance says what it computes in)"
+    )
     native_size: int = Field(description="training resolution (pixels)")
     working_side: int | None = Field(
         description="the longer side images are scaled to by default for this model (a request's max_side overrides)"

@@ -12,6 +12,7 @@ import argparse
 import logging
 from collections.abc import Sequence
 from pathlib import Path
+from typing import get_args
 
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
@@ -19,7 +20,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from service.contract import atomic_write_bytes
 from service.imaging import MEDIA_TYPES, ImageError, decode_image, encode_image
 from service.repository import ModelRepositoryError, load_model_dir
-from service.runtime import Engine, ProviderUnavailable, parse_device
+from service.runtime import Engine, EngineName, Precision, ProviderUnavailable, file_variant, parse_device
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +48,24 @@ def device_arg(text: str) -> str:
     return text
 
 
+def add_engine_options(parser: argparse.ArgumentParser) -> None:
+    """``--engine`` and ``--precision``, as the service's DCLGAN_ENGINE and DCLGAN_PRECISION mean them."""
+    parser.add_argument(
+        "--engine",
+        choices=get_args(EngineName),
+        default="auto",
+        help="auto (default): OpenVINO on a CPU when installed, else onnxruntime",
+    )
+    parser.add_argument(
+        "--precision",
+        "--variant",
+        choices=get_args(Precision),
+        default="float32",
+        help="float32 (default) or float16: the ONNX file; bfloat16: OpenVINO on a CPU with native bf16; auto: "
+        "bfloat16 where that holds, else float32",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dclgan translate",
@@ -61,9 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--threads", type=positive_int, default=None, help="intra-op threads (default: all CPUs)"
     )
-    parser.add_argument(
-        "--variant", choices=["float32", "float16"], default="float32", help="ONNX file to use"
-    )
+    add_engine_options(parser)
     parser.add_argument(
         "--format", choices=list(MEDIA_TYPES), default="png", dest="fmt", help="output format"
     )
@@ -93,7 +110,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         model = load_model_dir(args.model)
         # An unknown direction or variant raises, and the message lists the ones that exist.
-        model.path(args.direction, args.variant)
+        model.path(args.direction, file_variant(args.precision))
     except ModelRepositoryError as exc:
         logger.error("%s", exc)
         return 2
@@ -107,10 +124,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             directions=[args.direction],
             batch_size=args.batch_size,
             device=args.device,
-            precision=args.variant,
+            engine=args.engine,
+            precision=args.precision,
             intra_op_threads=args.threads,
         )
-    except ProviderUnavailable as exc:
+    except (ProviderUnavailable, ValueError) as exc:
         logger.error("%s", exc)
         return 2
     files = list_images(args.in_dir)

@@ -43,10 +43,15 @@ logger = logging.getLogger(__name__)
 
 
 class DeviceRunner(Runner, Protocol):
-    """A runner that says where it runs: ``provider`` is what onnxruntime really gave it."""
+    """A runner that says where and how it runs: ``provider`` is what the engine really gave it, ``precision``
+    what it computes in, ``psnr_db`` that precision's PSNR against float32 measured at start (None: not
+    reduced, nothing to measure)."""
 
     provider: str
     device: str
+    engine: str
+    precision: str
+    psnr_db: float | None
 
 
 class BatchObserver(Protocol):

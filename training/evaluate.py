@@ -42,7 +42,7 @@ from PIL import Image
 from service.imaging import ImageError, decode_image
 from service.repository import ModelRepositoryError, load_model_dir
 from service.runtime import Engine, ProviderUnavailable, default_threads
-from service.translate import DEFAULT_MAX_PIXELS, device_arg, list_images, positive_int
+from service.translate import DEFAULT_MAX_PIXELS, add_engine_options, device_arg, list_images, positive_int
 from training.metrics_fid import (
     INCEPTION_FEATURES,
     INCEPTION_SIZE,
@@ -115,6 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     parser.add_argument("--threads", type=positive_int, default=None, help="CPU threads (default: all)")
     parser.add_argument("--device", type=device_arg, default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
+    add_engine_options(parser)
     return parser
 
 
@@ -247,9 +248,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     try:
         engine = Engine.open(
-            model, directions=[args.direction], batch_size=args.batch_size, device=args.device, intra_op_threads=threads
+            model, directions=[args.direction], batch_size=args.batch_size, device=args.device,
+            intra_op_threads=threads, engine=args.engine, precision=args.precision,
         )
-    except ProviderUnavailable as exc:  # asked for a GPU: measuring the CPU instead would mislead
+    except (ProviderUnavailable, ValueError) as exc:  # asked for a GPU or bf16: measuring something else would mislead
         logger.error("%s", exc)
         return 2
     result = evaluate(

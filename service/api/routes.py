@@ -22,6 +22,7 @@ from service.api.media import RAW_MEDIA_TYPES, Upload, choose_format, read_uploa
 from service.batching import InferenceResult
 from service.errors import ErrorPolicy, PayloadTooLarge, describe
 from service.imaging import MEDIA_TYPES, OutputFormat
+from service.runtime import file_variant
 from service.schemas import (
     BatchItem,
     BatchResponse,
@@ -265,7 +266,7 @@ async def list_models(state: State) -> ModelsResponse:
                 version=card.version,
                 description=card.description,
                 domains=card.domains,
-                precision=state.settings.precision,
+                precision=file_variant(state.settings.precision),
                 native_size=card.input.native_size,
                 working_side=card.input.working_side,
                 multiple_of=card.input.multiple_of,
@@ -281,7 +282,14 @@ async def list_models(state: State) -> ModelsResponse:
                 route=f"/translate/{served.name}",
                 queue_depth=served.batcher.depth(),
                 instances=[
-                    InstanceInfo(device=inst.device, provider=inst.runner.provider, warm=inst.warm.is_set())
+                    InstanceInfo(
+                        device=inst.device,
+                        provider=inst.runner.provider,
+                        engine=inst.runner.engine,
+                        precision=inst.runner.precision,
+                        psnr_db=inst.runner.psnr_db,
+                        warm=inst.warm.is_set(),
+                    )
                     for inst in instances
                     if inst.direction.name == served.name
                 ],

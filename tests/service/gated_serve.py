@@ -24,6 +24,7 @@ PROVIDER = "GatedExecutionProvider"
 
 class GatedRunner:
     provider = PROVIDER
+    engine, precision, psnr_db = "gated", "float32", None
 
     def __init__(self, gate: Path, device: str) -> None:
         self.gate, self.device = gate, device

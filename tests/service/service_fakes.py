@@ -66,6 +66,7 @@ class FakeRunner:
     """Negates its input; the first call is the warm-up."""
 
     provider = FAKE_PROVIDER
+    engine, precision, psnr_db = "fake", "float32", None
 
     def __init__(self, fakes: Fakes, direction: str, device: str) -> None:
         self.fakes, self.direction, self.device = fakes, direction, device

@@ -350,6 +350,7 @@ async def test_not_ready_until_every_instance_is_warm(repo: Path, fakes: Fakes) 
 async def test_a_failed_warm_up_fails_liveness(repo: Path, fakes: Fakes) -> None:
     class Broken:
         provider = FAKE_PROVIDER
+        engine, precision, psnr_db = "fake", "float32", None
 
         def __init__(self, device: str) -> None:
             self.device = device
@@ -508,6 +509,9 @@ async def test_counters_add_up_exactly_after_a_known_sequence(client: httpx.Asyn
             device="cpu",
             version="7",
             provider=FAKE_PROVIDER,
+            engine="fake",
+            precision="float32",
+            psnr_db="",
         )
         == 1
     )
@@ -524,7 +528,15 @@ async def test_models_lists_directions_versions_and_where_they_run(client: httpx
         ("a2b", "a", "b", "/translate/a2b"),
         ("b2a", "b", "a", "/translate/b2a"),
     ]
-    assert model["directions"][0]["instances"] == [{"device": "cpu", "provider": FAKE_PROVIDER, "warm": True}]
+    (instance,) = model["directions"][0]["instances"]
+    assert instance == {
+        "device": "cpu",
+        "provider": FAKE_PROVIDER,
+        "engine": "fake",
+        "precision": "float32",
+        "psnr_db": None,
+        "warm": True,
+    }
 
 
 async def test_openapi_documents_bodies_parameters_and_every_error(client: httpx.AsyncClient) -> None:

@@ -31,9 +31,11 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def server(tiny_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    """A server that batches (a 200 ms queue delay gathers concurrent requests) with a small pixel cap."""
+    """A server that batches (a 200 ms queue delay gathers concurrent requests) with a small pixel cap, on
+    onnxruntime (the OpenVINO engine has its own end-to-end test in test_openvino.py)."""
     log = tmp_path_factory.mktemp("server") / "server.log"
-    with run_server(tiny_repo, log, max_queue_delay_ms=200, max_batch_size=8, max_pixels=1_000_000) as s:
+    settings = {"max_queue_delay_ms": 200, "max_batch_size": 8, "max_pixels": 1_000_000, "engine": "onnxruntime"}
+    with run_server(tiny_repo, log, **settings) as s:
         yield s
 
 
@@ -92,6 +94,9 @@ def test_both_directions_end_to_end(server: Server) -> None:
             device="cpu",
             version="1",
             provider="CPUExecutionProvider",
+            engine="onnxruntime",
+            precision="float32",
+            psnr_db="",
         )
         == 1
     )

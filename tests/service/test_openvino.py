@@ -1,0 +1,342 @@
+"""The OpenVINO engine: parity with onnxruntime, bf16 where the CPU has it, the PSNR fallback, the engine and
+precision choice, thread settings, and the service, ``dclgan translate`` and config refusals that use them.
+
+The bf16 cases need a CPU with native bf16 (AVX-512 BF16 or AMX) and skip elsewhere with the reason; a
+missing ``openvino`` package fails under CI (``make test`` installs the ``cpu-fast`` extra) and skips
+elsewhere.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from service_fakes import running_app, sample
+
+from service import openvino_runner
+from service.config import Settings
+from service.imaging import decode_image
+from service.openvino_runner import OpenVinoRunner, choose, cpu_flags, native_bf16, probe_input, psnr_db
+from service.repository import LoadedModel, load_model_dir
+from service.runtime import OnnxRunner, RunnerConfig, default_threads, open_runner, threads_per_session
+from service.translate import main as translate_main
+from tests.requires import require_module
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.anyio
+SHAPES = [(1, 16, 16), (3, 16, 16), (1, 24, 40), (2, 8, 12)]  # (N, H, W): dynamic batch, height and width
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture(scope="module")
+def ov_installed() -> Any:
+    """The ``openvino`` module."""
+    return require_module("openvino", "pip install -e '.[cpu-fast]' (make test installs it)")
+
+
+@pytest.fixture
+def bf16_cpu(ov_installed: Any) -> Any:
+    """The ``openvino`` module, on a CPU with native bf16 (else the test skips, saying why)."""
+    if not native_bf16():
+        pytest.skip(f"this CPU has no native bf16 (flags: none of {sorted(openvino_runner.NATIVE_BF16_FLAGS)})")
+    return ov_installed
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tiny_repo: Path) -> LoadedModel:
+    return load_model_dir(tiny_repo / "tiny")
+
+
+def _batch(shape: tuple[int, int, int], seed: int = 0) -> np.ndarray:
+    n, h, w = shape
+    return np.random.default_rng(seed).uniform(-1, 1, (n, 3, h, w)).astype(np.float32)
+
+
+def _open(model: LoadedModel, **config: Any) -> Any:
+    return open_runner(model, "a2b", RunnerConfig(intra_op_threads=1, **config))
+
+
+# --- the runner --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_float32_matches_onnxruntime(tiny_model: LoadedModel, ov_installed: Any, shape: tuple[int, int, int]) -> None:
+    ov = _open(tiny_model, engine="openvino", precision="float32")
+    ort = _open(tiny_model, engine="onnxruntime", precision="float32")
+    assert (ov.engine, ov.precision, ov.provider, ov.psnr_db) == ("openvino", "float32", "CPU", None)
+    x = _batch(shape)
+    np.testing.assert_allclose(ov.run(x), ort.run(x), atol=1e-4, rtol=0)
+
+
+def test_float32_is_asked_for_explicitly(tiny_model: LoadedModel, ov_installed: Any) -> None:
+    """OpenVINO computes bf16 by default where the CPU has it: float32 must be in the compiled model."""
+    runner = _open(tiny_model, engine="openvino", precision="float32")
+    assert runner.compiled.get_property("INFERENCE_PRECISION_HINT") == ov_installed.Type.f32
+
+
+def test_runner_rejects_bad_batches(tiny_model: LoadedModel, ov_installed: Any) -> None:
+    runner = _open(tiny_model, engine="openvino")
+    with pytest.raises(ValueError, match=r"\(N, 3, H, W\)"):
+        runner.run(np.zeros((3, 16, 16), np.float32))
+
+
+def test_runner_checks_tensor_names(tiny_model: LoadedModel, ov_installed: Any) -> None:
+    with pytest.raises(ValueError, match="expected 'nope'"):
+        OpenVinoRunner.open(
+            tiny_model.path("a2b"),
+            precision="float32",
+            threads=1,
+            input_name="nope",
+            output_name="translated",
+            probe=probe_input(16),
+            psnr_floor_db=40,
+        )
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_threads_are_explicit_and_unpinned(tiny_model: LoadedModel, ov_installed: Any, threads: int) -> None:
+    """The same budget as onnxruntime's sessions: an explicit count, one stream, no pinning."""
+    compiled = open_runner(tiny_model, "a2b", RunnerConfig(engine="openvino", intra_op_threads=threads)).compiled
+    assert compiled.get_property("INFERENCE_NUM_THREADS") == threads
+    assert compiled.get_property("NUM_STREAMS") == 1
+    assert compiled.get_property("ENABLE_CPU_PINNING") is False
+    assert str(compiled.get_property("PERFORMANCE_HINT")) == "LATENCY"
+
+
+def test_threads_default_to_the_usable_cores(tiny_model: LoadedModel, ov_installed: Any) -> None:
+    compiled = open_runner(tiny_model, "a2b", RunnerConfig(engine="openvino")).compiled
+    assert compiled.get_property("INFERENCE_NUM_THREADS") == default_threads()
+
+
+# --- bf16 and the PSNR probe -------------------------------------------------------------------------
+
+
+def test_bfloat16_computes_in_bf16_within_the_floor(tiny_model: LoadedModel, bf16_cpu: Any) -> None:
+    bf16 = _open(tiny_model, engine="openvino", precision="bfloat16")
+    f32 = _open(tiny_model, engine="openvino", precision="float32")
+    assert (bf16.engine, bf16.precision) == ("openvino", "bfloat16")
+    assert bf16.compiled.get_property("INFERENCE_PRECISION_HINT") == bf16_cpu.Type.bf16
+    assert bf16.psnr_db is not None and 40 <= bf16.psnr_db < float("inf")
+    x = _batch((2, 16, 24), seed=3)
+    diff = np.abs(bf16.run(x) - f32.run(x)).max()
+    assert 1e-4 < diff < 0.1  # really computed in bf16 (not float32), and still close
+
+
+def test_a_precision_below_the_floor_falls_back_to_float32_with_one_line(
+    tiny_model: LoadedModel, bf16_cpu: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.INFO, logger="service.openvino_runner"):
+        runner = _open(tiny_model, engine="openvino", precision="bfloat16", psnr_floor_db=500)
+    assert (runner.engine, runner.precision) == ("openvino", "float32")
+    assert runner.compiled.get_property("INFERENCE_PRECISION_HINT") == bf16_cpu.Type.f32
+    assert runner.psnr_db is not None and runner.psnr_db < 500  # what bf16 measured, kept for /models
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and "below the 500.0 dB floor: serving float32" in warnings[0], warnings
+    x = _batch((1, 16, 16))
+    np.testing.assert_allclose(runner.run(x), _open(tiny_model, engine="onnxruntime").run(x), atol=1e-4, rtol=0)
+
+
+def test_psnr() -> None:
+    ref = np.zeros((1, 3, 4, 4), np.float32)
+    assert psnr_db(ref, ref) == float("inf")
+    assert psnr_db(ref + 0.02, ref) == pytest.approx(10 * np.log10(4 / 0.02**2))
+
+
+def test_the_probe_is_a_structured_image_in_range() -> None:
+    probe = probe_input(32)
+    assert probe.shape == (1, 3, 32, 32) and probe.dtype == np.float32
+    assert probe.min() >= -1 and probe.max() <= 1 and probe.std() > 0.2
+    np.testing.assert_array_equal(probe, probe_input(32))  # deterministic: the same verdict on every start
+
+
+# --- choosing the engine and precision ---------------------------------------------------------------
+
+
+@pytest.fixture
+def machine(monkeypatch: pytest.MonkeyPatch) -> Any:
+    """Pretend OpenVINO is (not) installed and the CPU has (no) native bf16."""
+
+    def set_machine(*, installed: bool, bf16: bool) -> None:
+        monkeypatch.setattr(openvino_runner, "installed", lambda: installed)
+        monkeypatch.setattr(openvino_runner, "native_bf16", lambda: bf16)
+
+    return set_machine
+
+
+@pytest.mark.parametrize(
+    ("engine", "precision", "device", "installed", "bf16", "expected"),
+    [
+        ("auto", "float32", "cpu", True, True, ("openvino", "float32")),
+        ("auto", "float32", "cpu", False, False, ("onnxruntime", "float32")),
+        ("auto", "auto", "cpu", True, True, ("openvino", "bfloat16")),
+        ("auto", "auto", "cpu", True, False, ("openvino", "float32")),  # an AVX2-only CPU
+        ("auto", "auto", "cpu", False, True, ("onnxruntime", "float32")),
+        ("auto", "auto", "cuda:0", True, True, ("onnxruntime", "float32")),
+        ("auto", "float16", "cpu", True, True, ("onnxruntime", "float16")),  # the GPU files stay on onnxruntime
+        ("onnxruntime", "auto", "cpu", True, True, ("onnxruntime", "float32")),
+        ("openvino", "auto", "cpu", True, True, ("openvino", "bfloat16")),
+        ("openvino", "bfloat16", "cpu", True, True, ("openvino", "bfloat16")),
+    ],
+)
+def test_choice(
+    machine: Any, engine: str, precision: str, device: str, installed: bool, bf16: bool, expected: Any
+) -> None:
+    machine(installed=installed, bf16=bf16)
+    assert choose(engine, precision, device) == expected  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("engine", "precision", "device", "installed", "bf16", "message"),
+    [
+        ("openvino", "float32", "cuda:0", True, True, "runs on CPUs only"),
+        ("openvino", "float32", "cpu", False, True, "not installed"),
+        ("openvino", "float16", "cpu", True, True, "float16 files are for GPUs"),
+        ("onnxruntime", "bfloat16", "cpu", True, True, "needs engine openvino"),
+        ("auto", "bfloat16", "cuda:0", True, True, "needs engine openvino"),
+        ("auto", "bfloat16", "cpu", True, False, "no native bf16"),
+    ],
+)
+def test_impossible_choices_are_refused(
+    machine: Any, engine: str, precision: str, device: str, installed: bool, bf16: bool, message: str
+) -> None:
+    machine(installed=installed, bf16=bf16)
+    with pytest.raises(ValueError, match=message):
+        choose(engine, precision, device)  # type: ignore[arg-type]
+
+
+def test_native_bf16_follows_the_cpu_flags(ov_installed: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert native_bf16() == bool(cpu_flags() & openvino_runner.NATIVE_BF16_FLAGS)
+    monkeypatch.setattr(openvino_runner, "cpu_flags", lambda: frozenset({"avx2", "avx512f", "avx512_vnni"}))
+    openvino_runner.native_bf16.cache_clear()
+    try:
+        assert not native_bf16()  # AVX-512 without BF16: OpenVINO would emulate bf16, slower than float32
+    finally:
+        monkeypatch.undo()
+        openvino_runner.native_bf16.cache_clear()
+
+
+def test_cpu_flags_parse_linux_cpuinfo(tmp_path: Path) -> None:
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nmodel name\t: X\nflags\t\t: fpu avx2 avx512_bf16\n\nprocessor\t: 1\n")
+    assert cpu_flags(info) == {"fpu", "avx2", "avx512_bf16"}
+    assert cpu_flags(tmp_path / "missing") == frozenset()
+
+
+# --- configuration, the service and the command line -------------------------------------------------
+
+
+def test_a_device_the_engine_cannot_serve_stops_the_server_with_one_line_and_status_2() -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DCLGAN_")}
+    env.update(DCLGAN_ENGINE="openvino", DCLGAN_DEVICES="cuda:0", PYTHONPATH=str(REPO_ROOT))
+    done = subprocess.run(
+        [sys.executable, "-m", "service"], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in done.stderr, done.stderr
+    assert "DCLGAN_ENGINE=openvino" in lines[0] and "runs on CPUs only, not cuda:0" in lines[0]
+
+
+def test_settings_default_to_auto_engine_and_float32() -> None:
+    settings = Settings()
+    assert (settings.engine, settings.precision, settings.psnr_floor_db) == ("auto", "float32", 40.0)
+
+
+async def test_the_service_reports_engine_precision_and_psnr(tiny_repo: Path, bf16_cpu: Any) -> None:
+    """bf16 on one direction's probe at a floor it cannot reach: every instance falls back, and says so."""
+    settings = Settings(models_dir=tiny_repo, engine="auto", precision="auto", psnr_floor_db=500)
+    async with running_app(settings) as (app, client):
+        (model,) = (await client.get("/models")).json()["models"]
+        metrics = (await client.get("/metrics")).text
+        runners = [inst.runner for inst in app.state.service.pool.instances]
+    assert model["precision"] == "float32"  # the file served
+    for direction in model["directions"]:
+        (inst,) = direction["instances"]
+        assert (inst["engine"], inst["provider"], inst["precision"]) == ("openvino", "CPU", "float32")
+        assert inst["psnr_db"] < 500
+        labels = {"version": "1", "provider": "CPU", "engine": "openvino", "precision": "float32"}
+        psnr = f"{inst['psnr_db']:.1f}"
+        assert sample(metrics, "dclgan_model_info", model="tiny", direction=direction["name"], device="cpu",
+                      psnr_db=psnr, **labels) == 1  # fmt: skip
+    # Two directions share the usable cores instead of each taking all of them.
+    threads = {r.compiled.get_property("INFERENCE_NUM_THREADS") for r in runners}
+    assert threads == {threads_per_session(len(runners))}
+
+
+async def test_the_service_serves_bf16_and_translates(tiny_repo: Path, bf16_cpu: Any) -> None:
+    settings = Settings(models_dir=tiny_repo, precision="auto", intra_op_threads=1)
+    async with running_app(settings) as (_, client):
+        (model,) = (await client.get("/models")).json()["models"]
+        response = await client.post("/translate/a2b", content=_png(), headers={"content-type": "image/png"})
+    assert response.status_code == 200
+    inst = model["directions"][0]["instances"][0]
+    assert (inst["engine"], inst["precision"]) == ("openvino", "bfloat16") and inst["psnr_db"] >= 40
+
+
+def _png() -> bytes:
+    from live_server import png
+
+    return png((24, 20))
+
+
+def test_translate_engines_agree_and_bad_choices_exit_2(
+    tiny_repo: Path, ov_installed: Any, image_factory: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    source = image_factory.write("photo.png", (37, 29))
+    tiny = str(tiny_repo / "tiny")
+    outputs = {}
+    for engine in ("onnxruntime", "openvino"):
+        out = tmp_path / engine
+        argv = ["--model", tiny, "--direction", "a2b", "--engine", engine, "--threads", "1"]
+        assert translate_main([*argv, str(image_factory.folder), str(out)]) == 0
+        outputs[engine] = np.asarray(decode_image((out / "photo.png").read_bytes(), max_pixels=10**6), np.int16)
+    assert np.abs(outputs["onnxruntime"] - outputs["openvino"]).max() <= 1
+    assert not np.array_equal(outputs["openvino"], np.asarray(decode_image(source.read_bytes(), max_pixels=10**6)))
+    with caplog.at_level(logging.ERROR):
+        argv = ["--model", tiny, "--direction", "a2b", "--engine", "onnxruntime", "--precision", "bfloat16"]
+        assert translate_main([*argv, str(image_factory.folder), str(tmp_path / "bad")]) == 2
+    assert "precision bfloat16 needs engine openvino" in caplog.text
+
+
+def test_onnx_runner_says_what_it_runs(tiny_model: LoadedModel) -> None:
+    runner = _open(tiny_model, engine="onnxruntime")
+    assert isinstance(runner, OnnxRunner)
+    assert (runner.engine, runner.precision, runner.psnr_db) == ("onnxruntime", "float32", None)
+
+
+_RACE = """
+import sys, threading
+import numpy as np
+from service.repository import load_model_dir
+from service.runtime import RunnerConfig, open_runner
+model = load_model_dir(sys.argv[1])
+runners = [open_runner(model, d, RunnerConfig(engine="openvino", intra_op_threads=1)) for d in ("a2b", "b2a")]
+x = np.zeros((1, 3, 16, 16), np.float32)
+threads = [threading.Thread(target=r.run, args=(x,), daemon=True) for r in runners]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join(30)
+sys.exit(1 if any(t.is_alive() for t in threads) else 0)
+"""
+
+
+@pytest.mark.parametrize("attempt", range(4))
+def test_first_runs_on_two_threads_do_not_deadlock(tiny_repo: Path, ov_installed: Any, attempt: int) -> None:
+    """The service's first inferences race on two worker threads in a fresh process; OpenVINO's lazily
+    initialised numpy bridge once hung half such processes (see ``_core``)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    done = subprocess.run(
+        [sys.executable, "-c", _RACE, str(tiny_repo / "tiny")], cwd=REPO_ROOT, env=env, timeout=60, check=False
+    )
+    assert done.returncode == 0
