@@ -4,14 +4,16 @@
         --concurrency 1,4,16 --seconds 20
 
 1. Raw: opens the direction's ONNX file (found through ``GET /models`` in ``--models-dir``) with the
-   server's settings (the same ``DCLGAN_*`` environment: device, threads, precision) and times
-   batch-1 runs at the working resolution while the server is idle.
+   server's settings (the same ``DCLGAN_*`` environment: device, threads, engine, precision) and, as the
+   baseline, with onnxruntime float32, and times batch-1 runs of both in turn at the working resolution
+   while the server is idle. The engine, precision and PSNR the server's instances report are printed.
 2. Service: for each concurrency level, that many clients each send the same image back to back (a
    closed loop) for ``--seconds``, then waits for its last requests. Throughput is every success
    over the whole time, tail included: the server stays saturated until the last response (its
    queue drains at full speed), so this avoids the +-1 request error of counting inside a window.
 
-Prints a table, then one JSON line: ``raw_img_per_s``, ``raw_latency_ms`` and, under ``levels``, for
+Prints a table, then one JSON line: ``raw_img_per_s``, ``raw_latency_ms``, the same for the baseline
+(``baseline_img_per_s``, ``baseline_latency_ms``), the server's ``instances`` and, under ``levels``, for
 each concurrency ``img_per_s``, ``p50_ms``, ``p95_ms``, ``p99_ms`` and ``errors``. The goal on CPU:
 throughput at saturation >= 0.95 x raw, p50 at concurrency 1 within 5% of raw latency.
 """
@@ -24,6 +26,7 @@ import io
 import json
 import statistics
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +37,7 @@ from PIL import Image
 from service.config import Settings
 from service.imaging import to_input
 from service.repository import load_model_dir
-from service.runtime import OnnxRunner, RunnerConfig, open_runner
+from service.runtime import Runner, RunnerConfig, open_runner
 
 
 def emit(line: str) -> None:
@@ -63,11 +66,12 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def find_model(models: dict[str, Any], direction: str) -> tuple[str, int]:
-    """(model name, native size) of the model serving ``direction``, from ``GET /models``."""
+def find_model(models: dict[str, Any], direction: str) -> tuple[str, int, list[dict[str, Any]]]:
+    """(model name, native size, instances) of the model serving ``direction``, from ``GET /models``."""
     for model in models["models"]:
-        if any(d["name"] == direction for d in model["directions"]):
-            return model["name"], model["native_size"]
+        for served in model["directions"]:
+            if served["name"] == direction:
+                return model["name"], model["native_size"], served["instances"]
     served = [d["name"] for m in models["models"] for d in m["directions"]]
     raise SystemExit(f"the server has no direction {direction!r}; it serves {served}")
 
@@ -80,17 +84,19 @@ def make_image(size: int) -> Image.Image:
     return Image.fromarray(np.clip(rgb, 0, 255).astype(np.uint8))
 
 
-def measure_raw(runner: OnnxRunner, batch: np.ndarray, seconds: float) -> tuple[float, float]:
-    """(images per second, median latency in ms) of batch-1 runs for about ``seconds``."""
-    runner.run(batch)  # warm-up
-    latencies: list[float] = []
+def measure_raw(runners: list[Runner], batch: np.ndarray, seconds: float) -> list[tuple[float, float]]:
+    """(images per second, median latency in ms) of each runner's batch-1 runs, taken in turn (so a noisy
+    machine slows them alike) for about ``seconds`` in all."""
+    for runner in runners:
+        runner.run(batch)  # warm-up
+    latencies: list[list[float]] = [[] for _ in runners]
     start = time.perf_counter()
-    while time.perf_counter() - start < seconds or len(latencies) < 3:
-        t0 = time.perf_counter()
-        runner.run(batch)
-        latencies.append(time.perf_counter() - t0)
-    elapsed = time.perf_counter() - start
-    return len(latencies) / elapsed, statistics.median(latencies) * 1000
+    while time.perf_counter() - start < seconds or len(latencies[0]) < 3:
+        for runner, times in zip(runners, latencies, strict=True):
+            t0 = time.perf_counter()
+            runner.run(batch)
+            times.append(time.perf_counter() - t0)
+    return [(1 / statistics.mean(times), statistics.median(times) * 1000) for times in latencies]
 
 
 async def closed_loop(
@@ -144,7 +150,7 @@ def main() -> None:
     levels = [int(c) for c in args.concurrency.split(",")]
     settings = Settings()
     headers = {"authorization": f"Bearer {args.api_key}"} if args.api_key else {}
-    name, native = find_model(
+    name, native, instances = find_model(
         httpx.get(f"{args.url}/models", headers=headers, timeout=30).raise_for_status().json(), args.direction
     )
     image = Image.open(args.image).convert("RGB") if args.image else make_image(args.size or native)
@@ -154,24 +160,23 @@ def main() -> None:
 
     model = load_model_dir((args.models_dir or settings.models_dir) / name)
     contract = model.card.input
-    runner = open_runner(
-        model,
-        args.direction,
-        RunnerConfig(
-            device=settings.devices[0],
-            precision=settings.precision,
-            intra_op_threads=settings.intra_op_threads or None,
-            require_gpu=settings.require_gpu,
-            conv_algo_search=settings.cudnn_conv_algo_search,
-        ),
+    config = RunnerConfig(
+        device=settings.devices[0],
+        engine=settings.engine,
+        precision=settings.precision,
+        intra_op_threads=settings.intra_op_threads or None,
+        require_gpu=settings.require_gpu,
+        conv_algo_search=settings.cudnn_conv_algo_search,
     )
+    baseline = replace(config, engine="onnxruntime", precision="float32")
+    runners = [open_runner(model, args.direction, config), open_runner(model, args.direction, baseline)]
     prepared = to_input(
         image, max_side=settings.max_side, multiple_of=contract.multiple_of, min_size=contract.min_size
     )
-    raw_img_per_s, raw_latency_ms = measure_raw(
-        runner, prepared.array[None], args.raw_seconds or args.seconds
+    (raw_img_per_s, raw_latency_ms), (base_img_per_s, base_latency_ms) = measure_raw(
+        runners, prepared.array[None], args.raw_seconds or args.seconds
     )
-    del runner  # free its threads and memory before loading the server
+    del runners  # free their threads and memory before loading the server
 
     results = asyncio.run(drive(args, body, levels))
     h, w = prepared.array.shape[1:]
@@ -179,18 +184,31 @@ def main() -> None:
         f"{name}/{args.direction}, {image.width}x{image.height} JPEG ({len(body)} bytes), working {w}x{h}, "
         f"device {settings.devices[0]}, intra_op_threads {settings.intra_op_threads or 'all'}"
     )
-    emit(f"{'':>12} {'img/s':>8} {'x raw':>6} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'errors':>6}")
-    emit(f"{'raw ORT':>12} {raw_img_per_s:8.3f} {1.0:6.2f} {raw_latency_ms:8.1f}")
+    served = ", ".join(f"{i['engine']} {i['precision']} (PSNR {i['psnr_db']})" for i in instances)
+    emit(f"server instances: {served}; raw: {settings.engine}/{settings.precision}")
+    emit(f"{'':>12} {'img/s':>8} {'x raw':>6} {'x ORT32':>7} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'errors':>6}")
+    for label, img_per_s, latency_ms in (
+        ("raw ORT f32", base_img_per_s, base_latency_ms),
+        ("raw", raw_img_per_s, raw_latency_ms),
+    ):
+        emit(
+            f"{label:>12} {img_per_s:8.3f} {img_per_s / raw_img_per_s:6.2f} {img_per_s / base_img_per_s:7.2f} "
+            f"{latency_ms:8.1f}"
+        )
     for level, r in results.items():
         emit(
             f"{'conc ' + level:>12} {r['img_per_s']:8.3f} {r['img_per_s'] / raw_img_per_s:6.2f} "
-            f"{r['p50_ms']:8.1f} {r['p95_ms']:8.1f} {r['p99_ms']:8.1f} {r['errors']:6d}"
+            f"{r['img_per_s'] / base_img_per_s:7.2f} {r['p50_ms']:8.1f} {r['p95_ms']:8.1f} {r['p99_ms']:8.1f} "
+            f"{r['errors']:6d}"
         )
     emit(
         json.dumps(
             {
                 "raw_img_per_s": round(raw_img_per_s, 4),
                 "raw_latency_ms": round(raw_latency_ms, 1),
+                "baseline_img_per_s": round(base_img_per_s, 4),
+                "baseline_latency_ms": round(base_latency_ms, 1),
+                "instances": instances,
                 "levels": results,
             }
         )
