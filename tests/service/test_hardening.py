@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import re
 from collections.abc import AsyncIterator
@@ -152,8 +153,10 @@ async def test_a_body_slower_than_the_body_timeout_gets_408(repo: Path, fakes: F
 
     async def trickle() -> AsyncIterator[bytes]:
         yield png()[:10]
-        await never.wait()  # the rest never comes
-        yield b""
+        # The rest never comes (a ceiling, not a timing: without the body timeout the server would get a
+        # complete 10-byte body after 30 s and answer 400, and the test fails instead of hanging).
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(never.wait(), 30)
 
     async with running_app(Settings(models_dir=repo, body_timeout_s=0.2), fakes.factory) as (_, client):
         r = await client.post("/translate/a2b", content=trickle(), headers={"content-type": "image/png"})
