@@ -156,7 +156,9 @@ class _WrongShapeSession:
     def get_providers(self) -> list[str]:
         return [CPU]
 
-    def run(self, names: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    def run(
+        self, names: list[str], feeds: dict[str, np.ndarray], options: ort.RunOptions | None = None
+    ) -> list[np.ndarray]:
         return [feeds["image"][1:]]
 
 
@@ -166,6 +168,29 @@ def test_runner_checks_the_output_count() -> None:
         RuntimeError, match=r"returned shape \(1, 3, 8, 8\) for a batch of shape \(2, 3, 8, 8\)"
     ):
         runner.run(np.zeros((2, 3, 8, 8), np.float32))
+
+
+class _RecordingSession(_WrongShapeSession):
+    def __init__(self) -> None:
+        self.options: list[ort.RunOptions | None] = []
+
+    def run(
+        self, names: list[str], feeds: dict[str, np.ndarray], options: ort.RunOptions | None = None
+    ) -> list[np.ndarray]:
+        self.options.append(options)
+        return [feeds["image"]]
+
+
+@pytest.mark.parametrize(("device", "arenas"), [("cpu", "cpu:0"), ("cuda:1", "cpu:0;gpu:1")])
+def test_only_an_outsized_batch_gives_its_arena_memory_back(device: str, arenas: str) -> None:
+    """onnxruntime's arena keeps the largest run's memory for good: a batch over SHRINK_ABOVE_PIXELS runs with
+    arena shrinkage, so one 1024x1024 image does not pin 600 MB; ordinary batches keep the arena's speed."""
+    session = _RecordingSession()
+    runner = OnnxRunner(session, device=device)  # type: ignore[arg-type]
+    runner.run(np.zeros((8, 3, 256, 256), np.float32))  # the default batch cap: no shrinkage
+    runner.run(np.zeros((1, 3, 1024, 1024), np.float32))
+    assert session.options[0] is None
+    assert session.options[1].get_run_config_entry("memory.enable_memory_arena_shrinkage") == arenas  # type: ignore[union-attr]
 
 
 def test_batched_run_equals_single_runs(tiny_model: LoadedModel) -> None:
@@ -243,3 +268,9 @@ def test_engine_direction_errors(tiny_model: LoadedModel, image_factory: Any) ->
     with pytest.raises(ValueError, match="batch_size"):
         Engine(tiny_model, {}, batch_size=0)
     assert engine.translate([], "a2b") == []
+
+
+def test_onnxruntime_accepts_the_shrinkage_run_option(tiny_model: LoadedModel) -> None:
+    runner = OnnxRunner.open(tiny_model.path("a2b"), intra_op_threads=1)
+    big = np.zeros((1, 3, 768, 768), np.float32)  # 589,824 pixels: over SHRINK_ABOVE_PIXELS
+    assert runner.run(big).shape == big.shape
