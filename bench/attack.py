@@ -73,9 +73,12 @@ class Sampler:
 
 
 @contextmanager
-def server(code: Path, models: Path, log: Path, nofile: int) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+def server(
+    code: Path, models: Path, log: Path, nofile: int, settings: dict[str, str]
+) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("DCLGAN_")}
     env.update(PYTHONPATH=str(code), OMP_WAIT_POLICY="PASSIVE", DCLGAN_MODELS_DIR=str(models), DCLGAN_PORT="0")
+    env.update(settings)
     with log.open("wb") as sink:
         proc = subprocess.Popen(
             [sys.executable, "-m", "service"],
@@ -298,12 +301,14 @@ def main() -> None:
     parser.add_argument("--direction", default="horse2zebra")
     parser.add_argument("--only", default="", help="comma-separated attack numbers (1-based); default all")
     parser.add_argument("--nofile", type=int, default=1024, help="the server's file-descriptor limit")
+    parser.add_argument("--env", action="append", default=[], help="DCLGAN_KEY=VALUE for the server")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     chosen = {int(i) for i in args.only.split(",") if i} or set(range(1, len(ATTACKS) + 1))
-    results: dict[str, Any] = {"machine": machine(), "code": str(args.code), "attacks": {}}
+    settings = dict(kv.split("=", 1) for kv in args.env)
+    results: dict[str, Any] = {"machine": machine(), "code": str(args.code), "settings": settings, "attacks": {}}
     log = args.out.with_suffix(".server.log")
-    with server(args.code.resolve(), args.models.resolve(), log, args.nofile) as (url, proc):
+    with server(args.code.resolve(), args.models.resolve(), log, args.nofile, settings) as (url, proc):
         idle = rss_mb(proc.pid)
         results["idle_rss_mb"] = round(idle, 1)
         for number, (name, attack) in enumerate(ATTACKS.items(), 1):
