@@ -15,6 +15,7 @@ import functools
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from importlib.metadata import version as package_version
 from typing import Any
 
 import numpy as np
@@ -257,7 +258,9 @@ def create_app(settings: Settings | None = None, *, runner_factory: RunnerFactor
             await to_thread.run_sync(stop, state)
 
     # FastAPIOffline serves Swagger UI, ReDoc and their favicon from the package: /docs works offline.
-    app = FastAPIOffline(title="dclgan-serve", version="1.0.0", description=_DESCRIPTION, lifespan=lifespan)
+    app = FastAPIOffline(
+        title="dclgan-serve", version=package_version("dclgan-serve"), description=_DESCRIPTION, lifespan=lifespan
+    )
     app.state.service = state
     # No 307 from /translate/x/ to /translate/x: its Location would echo the client's Host header.
     app.router.redirect_slashes = False
