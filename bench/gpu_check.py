@@ -165,7 +165,8 @@ def onnxruntime_check(
     model = load_model_dir(paths["float32"].parent)
     for precision in paths:
         # The service's own runner factory and defaults, so this measures what is served.
-        runner = open_runner(model, DIRECTION, RunnerConfig(device=plan.device, precision=precision))  # type: ignore[arg-type]
+        config = RunnerConfig(device=plan.device, engine="onnxruntime", precision=precision)  # type: ignore[arg-type]
+        runner = open_runner(model, DIRECTION, config)
         got = runner.session.get_providers()
         used = got[0] == wanted
         ok &= used
