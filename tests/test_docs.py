@@ -85,6 +85,15 @@ def test_readme_python_example_translates_with_the_bundled_model(
         assert out.size == (72, 40)
 
 
+def test_installing_table_names_every_extra_and_only_real_ones() -> None:
+    """The extras of pyproject.toml against the ``.[a,b]`` installs the README's Installing section gives."""
+    declared = set(tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"])
+    section = README[README.index("## Installing") : README.index("## The service")]
+    named = {extra for group in re.findall(r"\.\[([a-z0-9,-]+)\]", section) for extra in group.split(",")}
+    assert not named - declared, f"the README installs extras pyproject.toml lacks: {sorted(named - declared)}"
+    assert not declared - named - {"dev"}, f"extras the README never mentions: {sorted(declared - named - {'dev'})}"
+
+
 def test_app_reports_the_package_version() -> None:
     from service.main import create_app
 
