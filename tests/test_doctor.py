@@ -143,8 +143,8 @@ def test_real_probes_on_this_machine() -> None:
     used, reason = doctor.probe_provider(CUDA_PROVIDER)
     assert used in (CUDA_PROVIDER, CPU_PROVIDER)
     assert (used == CUDA_PROVIDER) == (reason == "")
-    if not doctor.gpu_device_present():  # no GPU: the session must have fallen back, and says which library
-        assert used == CPU_PROVIDER and "could not be loaded" in reason
+    if not doctor.gpu_device_present():  # no GPU: the session must have fallen back, and onnxruntime's log says why
+        assert used == CPU_PROVIDER and reason and reason != "no reason logged"
     assert doctor.find_library("libc.so.6")
 
 
