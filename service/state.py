@@ -97,7 +97,7 @@ class AppState:
         """Count a translate request as in flight, or refuse it (503) unless the service is ready and has
         room for one more (``max_inflight_requests``)."""
         phase = self.phase
-        if phase is not Phase.READY:
+        if phase not in (Phase.READY, Phase.DEGRADED):  # degraded: the routes refuse only the sick direction
             raise NotReady(f"the service is {phase.value}")
         if self.inflight >= self.settings.max_inflight_requests:
             raise Overloaded(f"{self.inflight} requests are in flight, the most this server takes; retry later")

@@ -194,9 +194,11 @@ class WorkerPool:
     @property
     def serving(self) -> bool:
         """Every direction has at least one healthy instance (readiness)."""
-        return all(
-            any(inst.healthy for inst in self.instances if inst.direction is plan) for plan in self.plans
-        )
+        return all(self.serves(plan.name) for plan in self.plans)
+
+    def serves(self, direction: str) -> bool:
+        """``direction`` has at least one healthy instance."""
+        return any(inst.healthy for inst in self.instances if inst.direction.name == direction)
 
     def busy_count(self, device: str) -> int:
         return sum(inst.busy for inst in self.instances if inst.device == device)

@@ -90,7 +90,11 @@ async def translate(data: bytes, served: ServedDirection, options: Options, stat
 
 
 def refuse_if_full(served: ServedDirection, state: AppState) -> None:
-    """Raise ``QueueFull`` before the upload is even read, counting the refused image."""
+    """Refuse before the upload is even read: 503 ``not_ready`` while the direction has no healthy instance
+    (its runners hang past the batch limit; other directions are still served), ``QueueFull`` (counted)
+    when its queue is full."""
+    if state.pool is not None and not state.pool.serves(served.name):
+        raise NotReady(f"direction {served.name} has no healthy model instance right now")
     try:
         served.batcher.ensure_room()
     except QueueFull:

@@ -176,6 +176,11 @@ async def test_a_batch_over_the_time_limit_is_504_and_readiness_turns_503(repo: 
         ready = await client.get("/readyz")
         assert (ready.status_code, ready.json()["status"]) == (503, "degraded")
         assert (await client.get("/healthz")).status_code == 200  # it may recover: no restart yet
+        sick = await client.post("/translate/a2b", **raw(png()))
+        assert (sick.status_code, sick.json()["error"]) == (503, "not_ready")  # refused, not queued to hang
+        quick = {"content-type": "image/png", "x-request-timeout-ms": "1"}
+        other = await client.post("/translate/b2a", content=png(), headers=quick)
+        assert other.status_code == 504  # the healthy direction is still admitted (its 1 ms deadline passes)
         text = (await client.get("/metrics")).text
         assert sample(text, "dclgan_instance_failures_total", direction="a2b", device="cpu", kind="timeout") == 1
         fakes.gate.set()  # the runner returns
