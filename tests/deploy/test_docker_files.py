@@ -265,11 +265,15 @@ def test_compose_bind_mounts_exist() -> None:
 def test_load_balancer_and_prometheus_reach_every_replica() -> None:
     services = compose()["services"]
     nginx = NGINX_CONF.read_text()
-    assert re.search(rf"^\s*server dclgan:{SERVICE_PORT} resolve;", nginx, re.M)
+    assert re.search(rf"^\s*server dclgan:{SERVICE_PORT} resolve\b", nginx, re.M)
     (listen,) = re.findall(r"^\s*listen (\d+);", nginx, re.M)
     assert services["lb"]["ports"][0].endswith(f":{listen}")
     upload_cap = int(re.search(r"client_max_body_size (\d+)m;", nginx).group(1)) * 2**20
     assert upload_cap > 10 * 2**20, "nginx must let through the service's default 10 MiB uploads"
+    # Slow clients are absorbed by nginx, and a 503 (sent before any compute) is retried on another replica.
+    assert re.search(r"^\s*proxy_request_buffering on;", nginx, re.M)
+    assert re.search(r"^\s*proxy_next_upstream error http_503 non_idempotent;", nginx, re.M)
+    assert re.search(r"server dclgan:\d+ resolve max_fails=1 fail_timeout=\d+s;", nginx)
 
     (job,) = yaml.safe_load(PROMETHEUS_YML.read_text())["scrape_configs"]
     assert job["job_name"] == "dclgan" and job["metrics_path"] == "/metrics"
