@@ -43,14 +43,17 @@ _ERROR_DOCS = {
     401: "Missing or unknown API key (only when `DCLGAN_API_KEYS` is set)",
     404: "Unknown direction; the detail lists the available ones",
     406: "The `Accept` header names no format the service produces",
-    413: "Body over `DCLGAN_MAX_UPLOAD_BYTES`, or image over `DCLGAN_MAX_PIXELS` (`image_too_large`)",
+    413: "Body over `DCLGAN_MAX_UPLOAD_BYTES`, or an image over `DCLGAN_MAX_PIXELS` or needing more memory than "
+    "`DCLGAN_MAX_REQUEST_MEMORY_BYTES` (`image_too_large`)",
     415: "Neither multipart nor an image body (`unsupported_media_type`), "
     "or not a supported image (`unsupported_image`)",
     422: "No image in the expected field, or an invalid parameter",
-    429: "Queue full, when `DCLGAN_QUEUE_FULL_STATUS=429`; retry after `Retry-After` seconds",
+    429: "Queue full or overloaded, when `DCLGAN_QUEUE_FULL_STATUS=429`; retry after `Retry-After` seconds",
     500: "Inference failed or an unexpected error; the detail carries the request id, never a traceback",
-    503: "Not ready (starting or draining) or queue full; retry after `Retry-After` seconds",
-    504: "The request was still queued at its deadline and was dropped without being computed",
+    503: "Not ready (starting, draining, or the direction has no healthy instance), queue full, or overloaded "
+    "(in-flight or memory cap); retry after `Retry-After` seconds",
+    504: "Still queued at its deadline and dropped without being computed (`deadline_exceeded`), or its batch "
+    "ran past `DCLGAN_BATCH_TIMEOUT_S` (`batch_timeout`)",
 }
 _RETRY_AFTER = {
     "Retry-After": {"description": "seconds to wait before retrying", "schema": {"type": "integer"}}
@@ -190,7 +193,7 @@ async def translate_image(
         "image does not fail the others; images are base64-encoded in the JSON. " + _RESIZE_POLICY
     ),
     response_model=BatchResponse,
-    responses=error_responses(400, 401, 404, 413, 415, 422, 500, 503),
+    responses=error_responses(400, 401, 404, 413, 415, 422, 429, 500, 503),
     openapi_extra=_image_body("images", many=True),
 )
 async def translate_batch(
