@@ -340,3 +340,30 @@ def test_first_runs_on_two_threads_do_not_deadlock(tiny_repo: Path, ov_installed
         [sys.executable, "-c", _RACE, str(tiny_repo / "tiny")], cwd=REPO_ROOT, env=env, timeout=60, check=False
     )
     assert done.returncode == 0
+
+
+_WITHOUT_OPENVINO = """
+import sys
+sys.modules["openvino"] = None  # as if the cpu-fast extra were not installed
+from pydantic import ValidationError
+from service.config import Settings
+from service.repository import load_model_dir
+from service.runtime import RunnerConfig, open_runner
+runner = open_runner(load_model_dir(sys.argv[1]), "a2b", RunnerConfig(precision=Settings(precision="auto").precision))
+assert (runner.engine, runner.precision) == ("onnxruntime", "float32"), runner
+try:
+    Settings(engine="openvino")
+except ValidationError as exc:
+    assert "not installed" in str(exc), exc
+else:
+    raise AssertionError("engine openvino accepted without openvino")
+"""
+
+
+def test_without_the_extra_auto_serves_onnxruntime_and_openvino_is_refused(tiny_repo: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    done = subprocess.run(
+        [sys.executable, "-c", _WITHOUT_OPENVINO, str(tiny_repo / "tiny")],
+        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
