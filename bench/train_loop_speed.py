@@ -9,6 +9,7 @@ machine slows them alike):
 * ``before``: the loop as it was before the speed work: decode and resize every image at every
   iteration, NCHW, fp32, every loss read back (``.item()``) at every iteration;
 * ``fp32``: decoded images cached in RAM, channels_last, losses left on the device;
+* ``fp32-nchw``: the same without channels_last (the cache and the sync alone);
 * ``bf16``: the same with bf16 autocast, only where the CPU has native bf16 kernels (else skipped);
 * ``bf16-nchw``: bf16 without channels_last, to show what the layout alone is worth.
 
@@ -100,7 +101,11 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     model = ModelConfig(ngf=args.ngf, ndf=args.ndf, n_blocks=args.n_blocks)
     data = DataConfig(dataroot=args.dataroot, load_size=args.load_size, crop_size=args.crop_size)
-    variants = [Variant("before", False, False, False, True), Variant("fp32", True, True, False, False)]
+    variants = [
+        Variant("before", False, False, False, True),
+        Variant("fp32", True, True, False, False),
+        Variant("fp32-nchw", True, False, False, False),
+    ]
     if native_bf16(torch.device("cpu")):
         variants += [Variant("bf16", True, True, True, False), Variant("bf16-nchw", True, False, True, False)]
     for v in variants:
