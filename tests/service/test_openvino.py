@@ -9,6 +9,7 @@ elsewhere.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import subprocess
 import sys
@@ -24,7 +25,14 @@ from service.config import Settings
 from service.imaging import decode_image
 from service.openvino_runner import OpenVinoRunner, choose, cpu_flags, native_bf16, probe_input, psnr_db
 from service.repository import LoadedModel, load_model_dir
-from service.runtime import OnnxRunner, RunnerConfig, default_threads, open_runner, threads_per_session
+from service.runtime import (
+    SHRINK_ABOVE_PIXELS,
+    OnnxRunner,
+    RunnerConfig,
+    default_threads,
+    open_runner,
+    threads_per_session,
+)
 from service.translate import main as translate_main
 from tests.requires import require_module
 
@@ -367,3 +375,22 @@ def test_without_the_extra_auto_serves_onnxruntime_and_openvino_is_refused(tiny_
         cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120, check=False,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
+
+
+def test_a_large_batch_gives_its_memory_back(tiny_model: LoadedModel, ov_installed: Any) -> None:
+    """Like onnxruntime's arena shrinkage: after a batch over SHRINK_ABOVE_PIXELS the compiled model
+    releases its intermediate buffers (the bundled model otherwise keeps ~300 MB after one 1024 x 1024 image)."""
+    runner = _open(tiny_model, engine="openvino")
+    released = []
+
+    class Spy:
+        def release_memory(self) -> None:
+            released.append(True)
+            compiled.release_memory()
+
+    compiled, runner.compiled = runner.compiled, Spy()
+    runner.run(_batch((2, 16, 16)))
+    assert released == []
+    side = math.isqrt(SHRINK_ABOVE_PIXELS) + 4
+    out = runner.run(_batch((1, side, side)))
+    assert released == [True] and out.shape == (1, 3, side, side)
