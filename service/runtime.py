@@ -176,7 +176,8 @@ def create_session(
         message = (
             f"{device} was requested for {Path(onnx_path).name} but the session got {got}: CUDA is not "
             f"usable ({_cuda_build()}; available providers: {ort.get_available_providers()}; see the "
-            "onnxruntime log above for the library that failed to load)"
+            "onnxruntime log above for the library that failed to load). Run `dclgan doctor` for what is "
+            "missing and the command that installs it"
         )
         if require_gpu:
             raise ProviderUnavailable(message)

@@ -96,6 +96,7 @@ def test_require_gpu_without_cuda_raises_a_clear_error(tiny_model: LoadedModel, 
     assert "['CPUExecutionProvider']" in message
     assert f"available providers: {ort.get_available_providers()}" in message
     assert ort.__version__ in message
+    assert "dclgan doctor" in message  # where the fix is spelled out
 
 
 def test_gpu_not_required_falls_back_to_cpu_with_a_warning(
