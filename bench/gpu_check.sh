@@ -112,7 +112,7 @@ serve_leg() {
   local precision=$1 url
   export DCLGAN_MODELS_DIR=$MODELS_DIR DCLGAN_DEVICES=$SERVE_DEVICE DCLGAN_PRECISION=$precision \
     DCLGAN_HOST=127.0.0.1 DCLGAN_PORT=0 DCLGAN_MAX_BATCH_SIZE=$MAX_BATCH_SIZE \
-    DCLGAN_INTRA_OP_THREADS=$THREADS DCLGAN_DRAIN_TIMEOUT_S=10
+    DCLGAN_INTRA_OP_THREADS=$THREADS DCLGAN_DRAIN_TIMEOUT_S=10 DCLGAN_ENGINE=onnxruntime  # auto: OpenVINO on a CPU
   "$PY" -m service >"$WORK/serve-$precision.log" 2>&1 &
   SERVER_PID=$!
   url=$(bounded 100 "$PY" bench/gpu_check.py wait-ready --log "$WORK/serve-$precision.log" \
