@@ -95,7 +95,8 @@ def train(args: argparse.Namespace, model: ModelConfig, device: torch.device, se
     size = int(json.loads((args.pack / "pack.json").read_text())["size"])
     cfg = TrainConfig(
         name="gpu", checkpoints_dir=str(args.work), n_epochs=args.n_epochs, n_epochs_decay=args.n_epochs_decay,
-        amp="auto", tf32=True, device=str(device), save_latest_freq=2000, save_epoch_freq=10**6, print_freq=50,
+        amp="auto", tf32=True, channels_last=True, device=str(device), save_latest_freq=2000,
+        save_epoch_freq=10**6, print_freq=50,
         sample_freq=10**9, threads=args.threads, model=model, optim=OptimConfig(lr=args.lr),
         data=DataConfig(dataroot=str(args.pack), load_size=size, crop_size=args.crop, batch_size=args.batch_size),
     )

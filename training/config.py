@@ -132,7 +132,9 @@ class TrainConfig:
     seed: int = 0
     # auto: bf16 autocast where the device has native bf16 kernels (CUDA, AVX-512 BF16/AMX CPUs).
     amp: Literal["auto", "none", "bf16"] = "auto"
-    channels_last: bool = True
+    # NHWC layout: measured 0.83-0.94x in fp32 and no gain in bf16 on a 2-core AVX-512 CPU (docs/benchmarks.md);
+    # GPUs with tensor cores usually gain from it.
+    channels_last: bool = False
     tf32: bool = True  # CUDA only: TF32 matmuls/convs (off: exact fp32, for parity checks)
     threads: int | None = None
     device: str = "auto"
