@@ -26,7 +26,7 @@ from fastapi_offline import FastAPIOffline
 from prometheus_client import CollectorRegistry
 
 from service.admission import MemoryBudget
-from service.api import page
+from service.api import page, v2
 from service.api.handlers import install_error_handlers
 from service.api.middleware import BodyLimitMiddleware, RequestContextMiddleware, SecurityHeadersMiddleware
 from service.api.routes import router, translate_router
@@ -283,6 +283,7 @@ def create_app(settings: Settings | None = None, *, runner_factory: RunnerFactor
     )  # outermost: sees every response
     app.include_router(translate_router)
     app.include_router(router)
+    app.include_router(v2.router)  # KServe v2 health and metadata
     app.include_router(page.router)  # the try-it page at /
     _customise_openapi(app, state)
     return app
