@@ -138,6 +138,9 @@ class Settings(BaseSettings):
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(
         "info", description="log level"
     )
+    log_format: Literal["text", "json"] = Field(
+        "text", description="`text` lines for a terminal, or `json`: one JSON object per line for log shippers"
+    )
 
     _split = field_validator("devices", "api_keys", "cors_origins", mode="before")(_split_commas)
 

@@ -28,6 +28,7 @@ from types import FrameType
 import uvicorn
 from pydantic import ValidationError
 
+from service import logs
 from service.config import Settings, describe_invalid
 from service.connections import guarded_protocol
 from service.main import RunnerFactory, create_app
@@ -159,6 +160,8 @@ def main(argv: list[str] | None = None, *, runner_factory: RunnerFactory | None 
     except ValidationError as exc:
         logger.error("invalid configuration: %s", describe_invalid(exc))
         return EXIT_CONFIG
+    # An invalid configuration (the log format included) is logged above as text: the format is not known yet.
+    logs.configure(settings.log_format)
     logging.getLogger().setLevel(settings.log_level.upper())
     logging.getLogger("uvicorn.error").addFilter(_TracebackToDebug())
     _raise_file_limit()

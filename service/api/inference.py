@@ -53,13 +53,19 @@ class Options:
 
 @dataclass(frozen=True)
 class Translated:
-    """An encoded output image (exactly the input's size) and how it was computed."""
+    """An encoded output image (exactly the input's size) and how it was computed.
+
+    ``decode_s``: decoding and preparing the input (resize, pad); ``encode_s``: cropping, resizing back and
+    encoding the output. Measured inside the pool, so waiting for a pool thread is not counted.
+    """
 
     content: bytes
     media_type: str
     width: int
     height: int
     result: InferenceResult
+    decode_s: float
+    encode_s: float
 
 
 def _outcome(exc: BaseException) -> str:
@@ -115,29 +121,32 @@ async def _translate(data: bytes, served: ServedDirection, options: Options, sta
     )
     with state.budget.hold(need, too_large):
 
-        def prepare() -> Prepared:
+        def prepare() -> tuple[Prepared, float]:
+            start = time.perf_counter()
             img = decode_image(data, max_pixels=max_pixels)
-            return to_input(
+            prepared = to_input(
                 img, max_side=options.max_side, multiple_of=contract.multiple_of, min_size=contract.min_size
             )
+            return prepared, time.perf_counter() - start
 
-        prepared = await state.in_pool(prepare)
+        prepared, decode_s = await state.in_pool(prepare)
         remaining = options.deadline - time.monotonic()
         if remaining <= 0:
             raise DeadlineExceeded("the deadline passed before the image could be queued")
         future = served.batcher.submit(prepared.array, timeout_s=remaining)
         result = await await_result(future, options.deadline)
 
-        def finish() -> bytes:
+        def finish() -> tuple[bytes, float]:
+            start = time.perf_counter()
             try:
                 image = from_output(result.output, prepared)
             except ValueError as exc:  # wrong shape or NaN: the model is broken, not the request
                 raise InferenceFailed("the model returned an unusable output") from exc
-            return encode_image(image, options.fmt)
+            return encode_image(image, options.fmt), time.perf_counter() - start
 
-        content = await state.in_pool(finish)
+        content, encode_s = await state.in_pool(finish)
     width, height = prepared.orig_size
-    return Translated(content, MEDIA_TYPES[options.fmt], width, height, result)
+    return Translated(content, MEDIA_TYPES[options.fmt], width, height, result, decode_s, encode_s)
 
 
 async def await_result(future: Future[InferenceResult], deadline: float) -> InferenceResult:

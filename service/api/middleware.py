@@ -2,7 +2,8 @@
 
 Pure ASGI (not ``BaseHTTPMiddleware``) so nothing buffers bodies or hides client disconnects from
 the routes. Per-request facts travel in ``scope["state"]`` (what ``request.state`` reads and writes):
-``request_id`` set here; ``direction``, ``queue_ms`` and ``compute_ms`` set by the translate routes.
+``request_id`` set here; ``direction``, the stage times (``decode_ms``, ``queue_ms``, ``compute_ms``,
+``encode_ms``) and ``batch_size`` set by the translate routes.
 """
 
 from __future__ import annotations
@@ -101,7 +102,30 @@ class RequestContextMiddleware:
             _ms(state.get("queue_ms")),
             _ms(state.get("compute_ms")),
             state["request_id"],
+            extra=_access_fields(scope, state, route, status, seconds),
         )
+
+
+# Per-request facts the translate routes leave in the request state, logged as JSON fields when present.
+_REQUEST_FACTS = ("direction", "decode_ms", "queue_ms", "compute_ms", "encode_ms", "batch_size")
+
+
+def _access_fields(scope: Scope, state: dict[str, Any], route: str, status: int, seconds: float) -> dict[str, Any]:
+    """The access line's facts as separate fields (the JSON log's keys; the text format shows only the message)."""
+    fields: dict[str, Any] = {
+        "request_id": state["request_id"],
+        "client": _client(scope),
+        "method": scope["method"],
+        "path": scope["path"],
+        "route": route,
+        "status": status,
+        "duration_ms": round(seconds * 1000, 2),
+    }
+    for name in _REQUEST_FACTS:
+        value = state.get(name)
+        if value is not None:
+            fields[name] = round(value, 2) if isinstance(value, float) else value
+    return fields
 
 
 def _client(scope: Scope) -> str:

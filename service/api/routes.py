@@ -19,7 +19,6 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from service.api.deps import Direction, State, require_api_key, require_metrics_key
 from service.api.inference import Options, Translated, refuse_if_full, translate, unless_disconnected
 from service.api.media import RAW_MEDIA_TYPES, Upload, choose_format, read_uploads
-from service.batching import InferenceResult
 from service.errors import ErrorPolicy, PayloadTooLarge, describe
 from service.imaging import MEDIA_TYPES, OutputFormat
 from service.runtime import file_variant
@@ -139,15 +138,25 @@ def _body_memory(request: Request, state: AppState) -> AbstractContextManager[No
     return state.budget.hold(2 * size, PayloadTooLarge(f"request bodies are limited to {cap} bytes"))
 
 
-def _record_timings(request: Request, results: list[InferenceResult]) -> str:
-    """Put queue and compute time in the access log; return them as a ``Server-Timing`` header."""
-    if not results:
+def _record_timings(request: Request, outputs: list[Translated]) -> str:
+    """Put each stage's time and the batch size in the access log; return the times as a ``Server-Timing``
+    header. For several images each figure is the slowest image's (their stages overlap)."""
+    if not outputs:
         return ""
-    queue_ms = max(r.queue_s for r in results) * 1000
-    compute_ms = max(r.compute_s for r in results) * 1000
-    request.state.queue_ms, request.state.compute_ms = queue_ms, compute_ms
-    batch = max(r.batch_size for r in results)
-    return f'queue;dur={queue_ms:.1f}, compute;dur={compute_ms:.1f};desc="batch of {batch}"'
+    results = [out.result for out in outputs]
+    stages = {
+        "decode": max(out.decode_s for out in outputs),
+        "queue": max(r.queue_s for r in results),
+        "compute": max(r.compute_s for r in results),
+        "encode": max(out.encode_s for out in outputs),
+    }
+    for stage, seconds in stages.items():
+        setattr(request.state, f"{stage}_ms", seconds * 1000)
+    request.state.batch_size = batch = max(r.batch_size for r in results)
+    return ", ".join(
+        f"{stage};dur={seconds * 1000:.1f}" + (f';desc="batch of {batch}"' if stage == "compute" else "")
+        for stage, seconds in stages.items()
+    )
 
 
 @translate_router.post(
@@ -180,7 +189,7 @@ async def translate_image(
         out: Translated = await unless_disconnected(request, translate(upload.data, served, options, state))
     headers = {
         "X-Model-Version": served.model.card.version,
-        "Server-Timing": _record_timings(request, [out.result]),
+        "Server-Timing": _record_timings(request, [out]),
     }
     return Response(out.content, media_type=out.media_type, headers=headers)
 
@@ -216,7 +225,7 @@ async def translate_batch(
         _batch_item(index, upload, outcome, state.policy, str(request.state.request_id))
         for index, (upload, outcome) in enumerate(zip(uploads, outcomes, strict=True))
     ]
-    _record_timings(request, [o.result for o in outcomes if isinstance(o, Translated)])
+    _record_timings(request, [o for o in outcomes if isinstance(o, Translated)])
     card = served.model.card
     ok = sum(item.status == 200 for item in items)
     return BatchResponse(
