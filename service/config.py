@@ -22,6 +22,8 @@ MiB = 1024 * 1024
 # Measured best per device kind (docs/benchmarks.md): on CPUs a batch costs ~9% more per image than
 # single images; on GPUs batches of 8 pay.
 CPU_MAX_BATCH_SIZE, GPU_MAX_BATCH_SIZE = 1, 8
+LogFormat = Literal["text", "json"]
+"""``DCLGAN_LOG_FORMAT``: text lines for a terminal, or one JSON object per line (:mod:`service.logs`)."""
 
 
 def _split_commas(value: object) -> object:
@@ -138,7 +140,7 @@ class Settings(BaseSettings):
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(
         "info", description="log level"
     )
-    log_format: Literal["text", "json"] = Field(
+    log_format: LogFormat = Field(
         "text", description="`text` lines for a terminal, or `json`: one JSON object per line for log shippers"
     )
 

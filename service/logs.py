@@ -9,11 +9,10 @@ times and batch size) become keys of their own; text mode leaves them out, so it
 from __future__ import annotations
 
 import logging
-from typing import Literal
 
 from pythonjsonlogger.json import JsonFormatter
 
-LogFormat = Literal["text", "json"]
+from service.config import LogFormat
 
 
 def json_formatter() -> logging.Formatter:
