@@ -10,17 +10,20 @@ from __future__ import annotations
 
 import logging
 
+from pythonjsonlogger.core import RESERVED_ATTRS
 from pythonjsonlogger.json import JsonFormatter
 
 from service.config import LogFormat
 
 
 def json_formatter() -> logging.Formatter:
-    """Time (ISO 8601, UTC), level, logger and message, then any ``extra`` fields."""
+    """Time (ISO 8601, UTC), level, logger and message, then any ``extra`` fields but uvicorn's
+    ``color_message`` (the message again, with terminal colour codes)."""
     return JsonFormatter(
         "%(levelname)s %(name)s %(message)s",
         rename_fields={"levelname": "level", "name": "logger"},
         timestamp="time",
+        reserved_attrs=[*RESERVED_ATTRS, "color_message"],
     )
 
 

@@ -119,5 +119,6 @@ def test_the_server_logs_only_json_lines_with_log_format_json(tmp_path: Path) ->
         assert server.process.wait(60) == 0
     lines = records(log.read_text())  # uvicorn's own records included
     assert {"uvicorn.error", "service.serve", "service.access"} <= {line["logger"] for line in lines}
+    assert not any("color_message" in line for line in lines)  # uvicorn's copy with terminal colours
     (access,) = [line for line in lines if line.get("request_id") == "e2e-1"]
     assert (access["route"], access["direction"], access["status"]) == ("/translate/{direction}", "b2a", 200)
