@@ -31,11 +31,13 @@ def root_output() -> Iterator[io.StringIO]:
     out = io.StringIO()
     handler = logging.StreamHandler(out)
     handler.setFormatter(logging.Formatter(TEXT_FORMAT))
-    root.handlers, root.level = [handler], logging.INFO
+    root.handlers = [handler]
+    root.setLevel(logging.INFO)  # setLevel, not assignment: it clears the loggers' cached isEnabledFor answers
     try:
         yield out
     finally:
-        root.handlers, root.level = saved_handlers, saved_level
+        root.handlers = saved_handlers
+        root.setLevel(saved_level)
 
 
 def records(text: str) -> list[dict[str, Any]]:
