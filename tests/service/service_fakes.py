@@ -17,9 +17,11 @@ from typing import Any
 
 import httpx
 import numpy as np
+from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 from service.config import Settings
+from service.imaging import encode_image
 from service.main import create_app
 from service.repository import (
     DirectionSpec,
@@ -163,3 +165,38 @@ def samples(metrics_text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], f
 def sample(metrics_text: str, name: str, **labels: str) -> float:
     """One sample's value (0 when absent: a counter never incremented has no series yet)."""
     return samples(metrics_text).get((name, frozenset(labels.items())), 0.0)
+
+
+class BrokenRunner:
+    """A runner whose every call fails, as an instance that cannot allocate its memory would."""
+
+    provider = FAKE_PROVIDER
+    engine, precision, psnr_db = "fake", "float32", None
+
+    def __init__(self, device: str) -> None:
+        self.device = device
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        raise RuntimeError("cannot allocate")
+
+
+class RecordingRunner:
+    """A Runner that returns its input unchanged and records every batch shape."""
+
+    def __init__(self) -> None:
+        self.shapes: list[tuple[int, ...]] = []
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        self.shapes.append(batch.shape)
+        return batch.copy()
+
+
+def png(size: tuple[int, int] = (30, 20), seed: int = 0) -> bytes:
+    """A random RGB PNG of ``size`` (width, height)."""
+    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    return encode_image(Image.fromarray(pixels), "png")
+
+
+def raw(data: bytes, content_type: str = "image/png") -> dict[str, Any]:
+    """httpx keyword arguments for a raw image body."""
+    return {"content": data, "headers": {"content-type": content_type}}

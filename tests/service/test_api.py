@@ -19,11 +19,21 @@ import httpx
 import numpy as np
 import pytest
 from PIL import Image
-from service_fakes import FAKE_PROVIDER, Fakes, eventually, running_app, sample, write_fake_repo
+from service_fakes import (
+    FAKE_PROVIDER,
+    BrokenRunner,
+    Fakes,
+    eventually,
+    png,
+    raw,
+    running_app,
+    sample,
+    write_fake_repo,
+)
 
 import service.api.inference
 from service.config import Settings
-from service.imaging import decode_image, encode_image, from_output, to_input
+from service.imaging import decode_image, from_output, to_input
 from service.repository import load_model_dir
 from service.runtime import OnnxRunner
 from service.state import AppState
@@ -47,22 +57,12 @@ def fakes() -> Fakes:
     return Fakes()
 
 
-def png(size: tuple[int, int] = (30, 20), seed: int = 0) -> bytes:
-    rng = np.random.default_rng(seed)
-    pixels = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
-    return encode_image(Image.fromarray(pixels), "png")
-
-
 def pixels(data: bytes) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), dtype=np.int16)
 
 
 def multipart(data: bytes, field: str = "image", name: str = "x.png") -> dict[str, Any]:
     return {"files": {field: (name, data, "image/png")}}
-
-
-def raw(data: bytes, content_type: str = "image/png") -> dict[str, Any]:
-    return {"content": data, "headers": {"content-type": content_type}}
 
 
 @pytest.fixture
@@ -348,17 +348,7 @@ async def test_not_ready_until_every_instance_is_warm(repo: Path, fakes: Fakes) 
 
 
 async def test_a_failed_warm_up_fails_liveness(repo: Path, fakes: Fakes) -> None:
-    class Broken:
-        provider = FAKE_PROVIDER
-        engine, precision, psnr_db = "fake", "float32", None
-
-        def __init__(self, device: str) -> None:
-            self.device = device
-
-        def run(self, batch: np.ndarray) -> np.ndarray:
-            raise RuntimeError("cannot allocate")
-
-    async with running_app(Settings(models_dir=repo), lambda m, d, dev: Broken(dev), wait_ready=False) as (
+    async with running_app(Settings(models_dir=repo), lambda m, d, dev: BrokenRunner(dev), wait_ready=False) as (
         _,
         c,
     ):

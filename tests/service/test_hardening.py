@@ -11,13 +11,11 @@ import hashlib
 import re
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import httpx
-import numpy as np
 import pytest
 from PIL import Image
-from service_fakes import Fakes, eventually, running_app, sample, write_fake_repo
+from service_fakes import Fakes, eventually, png, raw, running_app, sample, write_fake_repo
 
 from service.config import Settings
 from service.imaging import encode_image, probe_image
@@ -39,15 +37,6 @@ def repo(tmp_path: Path) -> Path:
 @pytest.fixture
 def fakes() -> Fakes:
     return Fakes()
-
-
-def png(size: tuple[int, int] = (30, 20), seed: int = 0) -> bytes:
-    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
-    return encode_image(Image.fromarray(pixels), "png")
-
-
-def raw(data: bytes) -> dict[str, Any]:
-    return {"content": data, "headers": {"content-type": "image/png"}}
 
 
 async def started(client: httpx.AsyncClient, fakes: Fakes, count: int = 1) -> asyncio.Task[httpx.Response]:

@@ -11,6 +11,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 from PIL import Image
+from service_fakes import RecordingRunner
 
 from service.repository import LoadedModel, ModelRepositoryError, load_model_dir
 from service.runtime import (
@@ -36,17 +37,6 @@ def tiny_model(tiny_repo: Path) -> LoadedModel:
 def cuda_usable(tiny_model: LoadedModel) -> bool:
     """Whether this machine really gives a session the CUDA provider (false on the CPU-only CI)."""
     return create_session(tiny_model.path("a2b"), device="cuda").get_providers()[0] == CUDA
-
-
-class RecordingRunner:
-    """A Runner that returns its input unchanged and records every batch shape."""
-
-    def __init__(self) -> None:
-        self.shapes: list[tuple[int, ...]] = []
-
-    def run(self, batch: np.ndarray) -> np.ndarray:
-        self.shapes.append(batch.shape)
-        return batch.copy()
 
 
 # --- providers and sessions ---------------------------------------------------------------------

@@ -11,9 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import numpy as np
 import pytest
-from service_fakes import FAKE_PROVIDER, Fakes, eventually, running_app, write_fake_repo
+from service_fakes import BrokenRunner, Fakes, eventually, running_app, write_fake_repo
 
 from service.config import Settings
 from service.state import AppState
@@ -110,17 +109,8 @@ async def test_draining_makes_every_model_not_ready(repo: Path, fakes: Fakes) ->
 
 
 async def test_a_failed_instance_fails_v2_liveness_as_healthz(repo: Path) -> None:
-    class Broken:
-        provider = FAKE_PROVIDER
-        engine, precision, psnr_db = "fake", "float32", None
-
-        def __init__(self, device: str) -> None:
-            self.device = device
-
-        def run(self, batch: np.ndarray) -> np.ndarray:
-            raise RuntimeError("cannot allocate")
-
-    async with running_app(Settings(models_dir=repo), lambda m, d, dev: Broken(dev), wait_ready=False) as (app, c):
+    broken = running_app(Settings(models_dir=repo), lambda m, d, dev: BrokenRunner(dev), wait_ready=False)
+    async with broken as (app, c):
         await eventually(lambda: state_of(app).pool is not None and state_of(app).pool.failure is not None)
         live = await c.get("/v2/health/live")
         assert (live.status_code, live.json()) == (503, {"live": False})

@@ -5,17 +5,14 @@ from __future__ import annotations
 import io
 import json
 from pathlib import Path
-from typing import Any
 
-import numpy as np
 import pytest
 from PIL import Image
+from service_fakes import Fakes, RecordingRunner, png, raw, running_app, write_fake_repo
 
 from service.config import Settings
-from service.imaging import encode_image
 from service.repository import ModelCard, load_model_dir
 from service.runtime import Engine
-from tests.service.service_fakes import Fakes, running_app, write_fake_repo
 
 pytestmark = pytest.mark.anyio
 
@@ -32,20 +29,15 @@ def with_working_side(model_dir: Path, side: int | None) -> None:
     ModelCard.model_validate(raw).write(model_dir)
 
 
-def png(size: tuple[int, int]) -> dict[str, Any]:
-    pixels = np.random.default_rng(0).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
-    return {"content": encode_image(Image.fromarray(pixels), "png"), "headers": {"content-type": "image/png"}}
-
-
 async def test_requests_run_at_the_models_working_side_unless_they_ask(tmp_path: Path) -> None:
     repo = write_fake_repo(tmp_path / "models")
     with_working_side(repo / "tiny", 40)
     fakes = Fakes()
     async with running_app(Settings(models_dir=repo, max_side=1024), fakes.factory) as (_, client):
-        r = await client.post("/translate/a2b", **png((100, 50)))
+        r = await client.post("/translate/a2b", **raw(png((100, 50))))
         assert r.status_code == 200 and Image.open(io.BytesIO(r.content)).size == (100, 50)
         assert fakes.batches[-1][1].shape == (1, 3, 20, 40)  # the model's 40, not the server's 1024
-        assert (await client.post("/translate/a2b?max_side=80", **png((100, 50)))).status_code == 200
+        assert (await client.post("/translate/a2b?max_side=80", **raw(png((100, 50))))).status_code == 200
         assert fakes.batches[-1][1].shape == (1, 3, 40, 80)  # a request's max_side overrides it
         info = (await client.get("/models")).json()["models"][0]
         assert info["working_side"] == 40
@@ -56,7 +48,7 @@ async def test_the_servers_max_side_still_caps_the_working_side(tmp_path: Path) 
     with_working_side(repo / "tiny", 400)
     fakes = Fakes()
     async with running_app(Settings(models_dir=repo, max_side=32), fakes.factory) as (_, client):
-        assert (await client.post("/translate/a2b", **png((100, 50)))).status_code == 200
+        assert (await client.post("/translate/a2b", **raw(png((100, 50))))).status_code == 200
         assert fakes.batches[-1][1].shape == (1, 3, 16, 32)
 
 
@@ -66,18 +58,9 @@ def test_a_working_side_below_the_minimum_is_refused(tmp_path: Path) -> None:
         with_working_side(repo / "tiny", 4)
 
 
-class Recording:
-    def __init__(self) -> None:
-        self.shapes: list[tuple[int, ...]] = []
-
-    def run(self, batch: np.ndarray) -> np.ndarray:
-        self.shapes.append(batch.shape)
-        return batch.copy()
-
-
 def test_offline_translate_uses_the_working_side_by_default(tiny_model_copy: Path) -> None:
     with_working_side(tiny_model_copy, 16)
-    runner = Recording()
+    runner = RecordingRunner()
     engine = Engine(load_model_dir(tiny_model_copy), {"a2b": runner})
     image = Image.new("RGB", (64, 32))
     (out,) = engine.translate([image], "a2b")
