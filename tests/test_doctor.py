@@ -9,9 +9,9 @@ import sys
 
 import pytest
 
-from service import doctor
-from service.doctor import CPU_PROVIDER, CUDA_PROVIDER, OrtInfo, TorchInfo
+from training import doctor
 from training.cli import COMMANDS
+from training.doctor import CPU_PROVIDER, CUDA_PROVIDER, OrtInfo, TorchInfo
 
 GPU_ORT = OrtInfo("onnxruntime-gpu", "1.31.1", "13.0", (CUDA_PROVIDER, CPU_PROVIDER))
 CUDA_TORCH = TorchInfo("2.13.0", "13.0", ("NVIDIA H200",), mkldnn_bf16=True)
@@ -150,7 +150,7 @@ def test_real_probes_on_this_machine() -> None:
 
 def test_doctor_runs_without_torch() -> None:
     """A serving-only install: torch cannot be imported, and the report says how to install it."""
-    assert COMMANDS["doctor"][0] == "service.doctor"
+    assert COMMANDS["doctor"][0] == "training.doctor"
     code = (
         "import sys; sys.modules['torch'] = None\n"
         "from training.cli import main\n"

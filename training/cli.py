@@ -21,7 +21,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "evaluate": ("training.evaluate", "main", "FID/KID of a model folder's translations against reference images"),
     "translate": ("service.translate", "main", "translate a folder of images offline with onnxruntime"),
     "serve": ("service.serve", "main", "run the HTTP service on the models in models/"),
-    "doctor": ("service.doctor", "main", "check onnxruntime providers, CUDA/cuDNN, torch and CPU features"),
+    "doctor": ("training.doctor", "main", "check onnxruntime providers, CUDA/cuDNN, torch and CPU features"),
 }
 
 

@@ -158,10 +158,7 @@ def _installed_closure(requirements: list[str]) -> set[str]:
 
 
 # Modules the service imports only when they are installed, with the extra that installs them.
-OPTIONAL_IMPORTS = {
-    "openvino": "cpu-fast",  # service.openvino_runner: DCLGAN_ENGINE=auto falls back to onnxruntime
-    "torch": "train",  # service.doctor reports torch when it is there and says how to install it when not
-}
+OPTIONAL_IMPORTS = {"openvino": "cpu-fast"}  # service.openvino_runner: DCLGAN_ENGINE=auto falls back to onnxruntime
 
 
 def test_serve_extra_provides_every_module_the_service_imports() -> None:

@@ -17,14 +17,26 @@ RUNTIME_USERS = {
 }
 
 
-def _service_imports(path: Path) -> set[str]:
+def _imports(path: Path, packages: set[str]) -> set[str]:
+    """Every module of ``packages`` that ``path`` imports, at the top or inside a function."""
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "service":
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] in packages:
             found.add(node.module)
         elif isinstance(node, ast.Import):
-            found.update(a.name for a in node.names if a.name.split(".")[0] == "service")
+            found.update(a.name for a in node.names if a.name.split(".")[0] in packages)
     return found
+
+
+def _service_imports(path: Path) -> set[str]:
+    return _imports(path, {"service"})
+
+
+def test_the_service_never_imports_torch_or_training() -> None:
+    """Serving depends on onnxruntime (or OpenVINO) only: not even a lazy import of torch or the trainer."""
+    for path in sorted((REPO_ROOT / "service").rglob("*.py")):
+        bad = _imports(path, {"torch", "torchvision", "training"})
+        assert not bad, f"{path.relative_to(REPO_ROOT)} imports {sorted(bad)}"
 
 
 def test_training_imports_from_the_service_only_the_model_contract() -> None:

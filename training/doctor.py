@@ -110,7 +110,7 @@ def probe_provider(provider: str) -> tuple[str, str]:
     import numpy as np
     import onnxruntime as ort
 
-    from service.probe_model import INPUT_NAME, INPUT_SHAPE, conv_model
+    from training.probe_model import INPUT_NAME, INPUT_SHAPE, conv_model
 
     with _captured_output() as lines:
         try:
