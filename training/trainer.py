@@ -202,8 +202,7 @@ class Trainer:
             "rng": rng_state(),
             "skipped_images": self.skipped_images,
             "best_score": self.best_score,
-            "cpu_seconds": self._spent()[0],
-            "wall_seconds": self._spent()[1],
+            **dict(zip(("cpu_seconds", "wall_seconds"), self._spent(), strict=True)),
         }
 
     def _load(self, path: Path) -> None:
@@ -351,12 +350,17 @@ class Trainer:
                 signal.signal(sig, handler)
 
     def _should_stop(self) -> bool:
-        stop = self.stop_signal is not None or self._done()
-        if self.world > 1:  # every rank must leave at the same iteration, or the next all_reduce hangs
-            flag = torch.tensor(float(stop), device=self.device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            stop = bool(flag.item())
-        return stop
+        if self._done():  # the same iteration on every rank
+            return True
+        if self.world == 1:
+            return self.stop_signal is not None
+        # A signal may reach the ranks at different iterations, and every rank must leave at the same one
+        # or the next all_reduce hangs: they agree at log lines only, so the step itself never syncs.
+        if self.iteration % self.cfg.print_freq:
+            return False
+        flag = torch.tensor(float(self.stop_signal is not None), device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
 
     def fit(self) -> dict[str, Any] | None:
         """Train until the schedule ends, ``max_iters``, or SIGTERM/SIGINT; returns the last log record.
