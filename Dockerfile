@@ -2,7 +2,7 @@
 # the image installs the project's `serve` extra, never `train`.
 #
 #   docker build -t dclgan-serve:gpu .                          # default: CUDA 13 + cuDNN 9, onnxruntime-gpu
-#   docker build --build-arg VARIANT=cpu -t dclgan-serve:cpu .  # python:3.11-slim, onnxruntime CPU wheel
+#   docker build --build-arg VARIANT=cpu -t dclgan-serve:cpu .  # python:3.11-slim, onnxruntime CPU + OpenVINO
 #   docker run --rm --gpus all -p 127.0.0.1:8000:8000 dclgan-serve:gpu
 #   docker run --rm -p 127.0.0.1:8000:8000 -v "$PWD/models:/app/models:ro" dclgan-serve:cpu
 #
@@ -53,13 +53,16 @@ WORKDIR /src
 COPY pyproject.toml ./
 # Dependencies first, in their own layer, so that editing service/ does not download them again: the
 # base and serve requirements read from pyproject. The CPU image swaps onnxruntime-gpu (about 255 MB)
-# for the CPU wheel of the same versions (both install the `onnxruntime` module: only one may be present).
+# for the CPU wheel of the same versions (both install the `onnxruntime` module: only one may be present)
+# and adds the cpu-fast extra: OpenVINO, which DCLGAN_ENGINE=auto then serves CPU devices with (README,
+# "Engines and precision"); the GPU image serves with onnxruntime-gpu and does not need it.
 RUN --mount=type=secret,id=pip_cert \
     if [ -s /run/secrets/pip_cert ]; then export PIP_CERT=/run/secrets/pip_cert; fi \
     && python3 -m venv /opt/venv \
     && python3 -c "import os, tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
-cpu = os.environ['VARIANT'] == 'cpu'; serve = p['optional-dependencies']['serve']; \
-print('\n'.join(p['dependencies'] + [r.replace('onnxruntime-gpu', 'onnxruntime') if cpu else r for r in serve]))" \
+cpu = os.environ['VARIANT'] == 'cpu'; extras = p['optional-dependencies']; serve = extras['serve']; \
+serve = [r.replace('onnxruntime-gpu', 'onnxruntime') for r in serve] + extras['cpu-fast'] if cpu else serve; \
+print('\n'.join(p['dependencies'] + serve))" \
         > requirements.txt \
     && /opt/venv/bin/pip install --no-cache-dir -r requirements.txt
 # pyproject's package find includes `training*` and `service*`; without training/ only service is

@@ -195,7 +195,7 @@ def test_image_runs_as_non_root_and_holds_only_the_service(engine: Engine, image
     assert config["StopSignal"] == "SIGTERM"
 
     packages = {p["name"].lower() for p in json.loads(in_image(engine, "-m", "pip", "list", "--format", "json").stdout)}
-    assert {"onnxruntime", "fastapi", "dclgan-serve"} <= packages
+    assert {"onnxruntime", "openvino", "fastapi", "dclgan-serve"} <= packages
     assert not {"torch", "torchvision", "onnxruntime-gpu"} & packages, sorted(packages)
     assert in_image(engine, "-c", "import training").returncode != 0, "training code is in the image"
 
@@ -266,6 +266,13 @@ def test_healthcheck_turned_healthy(engine: Engine, container: Container) -> Non
     health = engine.inspect(container.name, "{{json .State.Health}}")
     assert health["Status"] == "healthy" and health["Log"][-1]["ExitCode"] == 0
     assert httpx.get(container.url + "/readyz", timeout=10).status_code == 200
+
+
+def test_cpu_image_serves_with_openvino(container: Container) -> None:
+    """The CPU image installs the cpu-fast extra, so DCLGAN_ENGINE=auto (the default) picks OpenVINO there."""
+    models = httpx.get(container.url + "/models", timeout=10).json()["models"]
+    engines = {i["engine"] for m in models for d in m["directions"] for i in d["instances"]}
+    assert engines == {"openvino"}, models
 
 
 @pytest.mark.parametrize("direction", DIRECTIONS)
