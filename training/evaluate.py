@@ -12,9 +12,10 @@ Resolution and protocol, identical for every set (FID moves with resampling, so 
 1. Every image (inputs and references alike) is decoded to RGB. By default it keeps its own size, as
    pytorch-fid reads the image files. ``--size N`` first squashes each to NxN with PIL bicubic, ignoring
    the aspect ratio, as the authors' test script does at 256 (a no-op for horse2zebra's 256x256 photos).
-2. The inputs are translated at that size with the inference core (onnxruntime through
-   :class:`service.runtime.Engine`, not PyTorch, so the numbers describe what is served); outputs
-   have their input's size. The baseline is the inputs themselves.
+2. The inputs are translated with the inference core (onnxruntime or OpenVINO through
+   :class:`service.runtime.Engine`, not PyTorch, so the numbers describe what is served): scaled to
+   the model's working side (``input.working_side`` in model.json, or ``--max-side``) as the service
+   does, and the outputs brought back to their input's size. The baseline is the inputs themselves.
 3. The feature extractor brings every image to 299x299 under ``--protocol`` (see
    :mod:`training.metrics_fid`): ``pytorch-fid``, the paper's tool's preprocessing (default), or
    ``tf-legacy``, the original TF graph's.
@@ -76,6 +77,7 @@ class Evaluation:
     n_inputs: int
     n_reference: int
     resolution: int | None  # None: every image at its own size
+    max_side: int | None  # the longer side translated at; None: the model's working side (or the image's size)
     feature_resolution: int
     features: str
     protocol: str
@@ -101,6 +103,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--size", type=positive_int, default=None,
         help="squash every image to SIZExSIZE (bicubic) before translation and features, as the authors' "
         "test script does at 256 (default: every image at its own size)",
+    )
+    parser.add_argument(
+        "--max-side", type=positive_int, default=None,
+        help="translate at this longer side, as a request's max_side does (default: the model's working side); "
+        "outputs keep their input's size. Compare a few to choose a model's --working-side",
     )
     parser.add_argument(
         "--protocol", choices=list(PROTOCOLS), default="pytorch-fid",
@@ -144,6 +151,7 @@ def evaluate(
     *,
     resolution: int | None,
     protocol: str,
+    max_side: int | None = None,
     kid_subsets: int = 100,
     kid_subset_size: int = 100,
     seed: int = 0,
@@ -156,11 +164,12 @@ def evaluate(
         extract: RGB uint8 arrays -> ``(n, D)`` features; :func:`training.metrics_fid.load_inception`
             for reported numbers, a cheap stand-in in tests.
         resolution, protocol: how the images were sized and how the extractor preprocesses them, recorded.
+        max_side: the longer side to translate at (None: the model's working side).
 
     Both KID computations draw the same subsets (same seed), so their difference is not sampling noise.
     """
     started = time.perf_counter()
-    translated = engine.translate(inputs, direction)
+    translated = engine.translate(inputs, direction, max_side=max_side)
     logger.info("translated %d images in %.1f s", len(inputs), time.perf_counter() - started)
     features: dict[str, np.ndarray] = {}
     for name, images in (("translated", translated), ("baseline", inputs), ("reference", reference)):
@@ -180,6 +189,7 @@ def evaluate(
         n_inputs=len(inputs),
         n_reference=len(reference),
         resolution=resolution,
+        max_side=max_side if max_side is not None else engine.model.card.input.working_side,
         feature_resolution=INCEPTION_SIZE,
         features=INCEPTION_FEATURES,
         protocol=protocol,
@@ -202,6 +212,8 @@ def format_table(result: Evaluation) -> str:
         f"{result.n_inputs} inputs vs {result.n_reference} reference images",
         f"resolution: {size}, then {result.feature_resolution}x{result.feature_resolution} for the features "
         f"by the {result.protocol} protocol ({PROTOCOLS[result.protocol]}); {result.features}",
+        "translated at " + (f"longer side {result.max_side}" if result.max_side else "each image's own size")
+        + ", outputs at their input's size",
         f"KID: {result.kid_subsets} subsets of {result.kid_subset_size}",
         "",
         f"{'':<22}{'FID':>10}{'KID mean':>12}{'KID std':>12}",
@@ -256,6 +268,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     result = evaluate(
         engine, args.direction, inputs, reference, extract, resolution=args.size, protocol=args.protocol,
+        max_side=args.max_side,
         kid_subsets=args.kid_subsets, kid_subset_size=args.kid_subset_size, seed=args.seed,
     )
     sys.stdout.write(json.dumps(asdict(result)) + "\n" if args.json else format_table(result))

@@ -30,6 +30,7 @@ JSON_FIELDS = {
     "n_inputs",
     "n_reference",
     "resolution",
+    "max_side",
     "feature_resolution",
     "features",
     "protocol",
@@ -170,6 +171,22 @@ def test_table_output_at_an_explicit_size_and_protocol(model_dir, data, extracto
     assert extractor.protocol == "tf-legacy"
     assert {img.shape for images in extractor.seen for img in images} == {(24, 24, 3)}
     assert same(extractor.seen[1], loaded(data / "testA", 24))
+
+
+def test_max_side_translates_smaller_and_restores_the_input_size(model_dir, data, extractor, capsys):
+    """``--max-side`` measures a working side: the inputs are translated at that longer side, as a request's
+    max_side does, and the outputs come back at their input's size."""
+    assert main(cli_args(model_dir, data, "--max-side", "16", "--json")) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["max_side"] == 16
+    inputs = loaded(data / "testA", None)
+    engine = Engine.open(load_model_dir(model_dir), directions=["horse2zebra"], intra_op_threads=1)
+    pil = [Image.fromarray(a) for a in inputs]
+    at_16 = [np.asarray(img) for img in engine.translate(pil, "horse2zebra", max_side=16)]
+    at_own = [np.asarray(img) for img in engine.translate(pil, "horse2zebra")]
+    assert [a.shape for a in at_16] == [a.shape for a in inputs]
+    assert not same(at_16, at_own)  # a different working side gives other pixels
+    assert same(extractor.seen[0], at_16)
 
 
 def test_missing_inception_weights_fail_fast_with_one_line(model_dir, data, monkeypatch, caplog, capsys):
