@@ -104,6 +104,7 @@ async def test_each_request_logs_one_access_record_with_its_stage_times(
     for stage, ms in timing.items():
         assert one[f"{stage}_ms"] == pytest.approx(ms, abs=0.06), stage  # the header rounds to 0.1 ms
     assert one["duration_ms"] >= sum(timing.values()) - 0.2
+    assert "trace_id" not in one  # tracing is off (no OTLP endpoint): no trace, no id (test_tracing.py has it on)
 
     for rid, route, status in (("req-2", "/healthz", 200), ("req-3", "/translate/{direction}", 404)):
         line = access[rid]
