@@ -65,14 +65,20 @@ def no_otel_env(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.delenv(name, raising=False)
 
 
+def memory_provider() -> tuple[Any, Any]:
+    """A tracer provider and the in-memory exporter it hands each span to as the span ends."""
+    exporter = in_memory.InMemorySpanExporter()
+    provider = sdk_trace.TracerProvider()
+    provider.add_span_processor(sdk_export.SimpleSpanProcessor(exporter))
+    return provider, exporter
+
+
 @pytest.fixture
 def spans(monkeypatch: pytest.MonkeyPatch, no_otel_env: None) -> Iterator[Any]:
     """Every app that ``running_app`` builds in the test is traced, with ``install_tracing`` called on it as
     ``create_app`` does when an endpoint is configured, into an in-memory exporter. The environment names no
     endpoint, so nothing else traces it; spans are exported as each one ends (no batching delay)."""
-    exporter = in_memory.InMemorySpanExporter()
-    provider = sdk_trace.TracerProvider()
-    provider.add_span_processor(sdk_export.SimpleSpanProcessor(exporter))
+    provider, exporter = memory_provider()
 
     def traced_app(settings: Settings, runner_factory: Any = None) -> Any:
         app = create_app(settings, runner_factory=runner_factory)
@@ -218,9 +224,7 @@ async def test_an_unsampled_callers_trace_records_nothing_but_logs_its_id(
 async def test_a_request_that_never_completes_its_response_still_gets_its_attributes() -> None:
     """An error after the response started escapes every handler (only its headers went out): the server span
     ends as the exception leaves, and must carry the request's facts all the same."""
-    exporter = in_memory.InMemorySpanExporter()
-    provider = sdk_trace.TracerProvider()
-    provider.add_span_processor(sdk_export.SimpleSpanProcessor(exporter))
+    provider, exporter = memory_provider()
     tracer = provider.get_tracer("test")
 
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
@@ -238,6 +242,19 @@ async def test_a_request_that_never_completes_its_response_still_gets_its_attrib
     expected = {"dclgan.request_id": "req-11", "dclgan.direction": "a2b", "dclgan.model.version": "3"}
     assert {key: server.attributes.get(key) for key in expected} == expected
     assert [span.name for span in exporter.get_finished_spans()] == ["server"]
+
+
+@pytest.mark.anyio
+async def test_an_untraced_request_passes_through_with_no_trace_id() -> None:
+    """No server span around it (an excluded URL, ``OTEL_PYTHON_FASTAPI_EXCLUDED_URLS``): no span, no id."""
+    provider, exporter = memory_provider()
+    seen: list[dict[str, Any]] = []
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        seen.append(dict(scope.get("state", {})))
+
+    await spans_module.StageSpansMiddleware(app, provider.get_tracer("test"))({"type": "http"}, None, None)
+    assert seen == [{}] and exporter.get_finished_spans() == ()
 
 
 @pytest.mark.parametrize(
