@@ -1,9 +1,11 @@
 """The model repository: the ``model.json`` contract, loading, SHA-256 verification, atomic writes.
 
-A repository is a folder of model folders, ``<root>/<name>/model.json`` plus one ONNX file per
-direction (and optionally a float16 variant of each). The service consumes these folders, so it owns
-the schema; the exporter in ``training/`` imports the models below to write them. This module must
-not import fastapi, torch or ``training``.
+A repository is a folder of model folders. A model folder holds either one version,
+``<root>/<name>/model.json`` plus one ONNX file per direction (and optionally a float16 variant of each),
+or several, one per subfolder named after the version: ``<root>/<name>/<version>/model.json`` (Triton's
+layout). The newest version is the greatest in :func:`version_key`'s natural order. The service consumes
+these folders, so it owns the schema; the exporter in ``training/`` imports the models below to write
+them. This module must not import fastapi, torch or ``training``.
 
 Every write goes through :func:`service.contract.atomic_write_bytes`, so a reader (a server starting up, a second
 export) never sees a half-written ONNX file or ``model.json``.
@@ -14,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -189,6 +192,10 @@ class LoadedModel:
     def name(self) -> str:
         return self.card.name
 
+    @property
+    def version(self) -> str:
+        return self.card.version
+
     def path(self, direction: str, variant: Variant = "float32") -> Path:
         """The ONNX file of ``direction`` in ``variant``; errors name what is available."""
         spec = self.card.direction(direction)
@@ -209,18 +216,26 @@ def sha256_file(path: str | os.PathLike[str], chunk_bytes: int = 1 << 20) -> str
     return digest.hexdigest()
 
 
+def version_key(version: str) -> tuple[tuple[int, int | str], ...]:
+    """Natural order of versions, which picks the newest: runs of digits compare as numbers, so ``"9" < "10"``,
+    ``"1.9" < "1.10"`` and ``"2026-02-01" < "2026-11-01"``."""
+    return tuple((0, int(part)) if part.isdigit() else (1, part) for part in re.findall(r"\d+|\D+", version))
+
+
 def load_model_dir(directory: str | os.PathLike[str], *, verify: bool = True) -> LoadedModel:
-    """Load and check one model folder.
+    """Load and check one model folder, ``<name>/`` or ``<name>/<version>/``.
 
     Refuses (``ModelRepositoryError``) a missing or invalid ``model.json``, a card whose ``name`` is not
-    the folder name, a missing ONNX file and, when ``verify`` is true, a file whose SHA-256 differs
+    the folder name (or, in a version folder, whose ``name`` and ``version`` are not the parent's name and
+    the folder's), a missing ONNX file and, when ``verify`` is true, a file whose SHA-256 differs
     from the card; each message names the offending file.
     """
     root = Path(directory).resolve()
     card = ModelCard.load(root / MODEL_JSON)
-    if card.name != root.name:
+    if card.name != root.name and (card.name, card.version) != (root.parent.name, root.name):
         raise ModelRepositoryError(
-            f"{root / MODEL_JSON}: name {card.name!r} differs from its folder {root.name!r}"
+            f"{root / MODEL_JSON}: name {card.name!r} differs from its folder {root.name!r}, and name and "
+            f"version {card.name!r}/{card.version!r} differ from its folders {root.parent.name!r}/{root.name!r}"
         )
     files: dict[str, dict[str, Path]] = {}
     for spec in card.directions:
@@ -241,13 +256,28 @@ def load_model_dir(directory: str | os.PathLike[str], *, verify: bool = True) ->
     return LoadedModel(card=card, root=root, files=files)
 
 
+def _version_dirs(model_dir: Path) -> list[Path]:
+    """The folders of ``model_dir``'s versions: itself (one version) or its subfolders with a card."""
+    versions = [d for d in model_dir.iterdir() if (d / MODEL_JSON).is_file()]
+    if (model_dir / MODEL_JSON).is_file():
+        if versions:
+            # Two layouts at once: which one is the model is a guess the service must not make.
+            raise ModelRepositoryError(
+                f"{model_dir} has both a model.json and version folders with one ({versions[0].name}); keep one layout"
+            )
+        return [model_dir]
+    return versions
+
+
 def scan_repository(root: str | os.PathLike[str], *, verify: bool = True) -> list[LoadedModel]:
-    """Load every immediate subfolder of ``root`` that has a ``model.json``, sorted by name.
+    """Load every version of every model under ``root``, sorted by name, then oldest version first.
 
     A broken model raises rather than being skipped: serving a repository with a model silently
-    missing is worse than refusing to start.
+    missing is worse than refusing to start (or, on a reload, than keeping the versions already served).
     """
     root = Path(root)
     if not root.is_dir():
         raise ModelRepositoryError(f"model repository {root} is not a folder")
-    return [load_model_dir(d, verify=verify) for d in sorted(root.iterdir()) if (d / MODEL_JSON).is_file()]
+    folders = [d for m in sorted(root.iterdir()) if m.is_dir() for d in _version_dirs(m)]
+    models = [load_model_dir(d, verify=verify) for d in folders]
+    return sorted(models, key=lambda m: (m.name, version_key(m.version)))

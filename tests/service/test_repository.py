@@ -20,6 +20,7 @@ from service.repository import (
     load_model_dir,
     scan_repository,
     sha256_file,
+    version_key,
 )
 
 DOCUMENTED_KEYS = {
@@ -153,6 +154,54 @@ def test_scan_repository_finds_models_and_skips_other_folders(tiny_repo: Path, t
         scan_repository(root)
     with pytest.raises(ModelRepositoryError, match="not a folder"):
         scan_repository(root / "missing")
+
+
+def _version_folder(tiny_model_copy: Path, version: str) -> Path:
+    """Move the flat ``tiny`` model into the version folder ``tiny/<version>/`` (card edited to match)."""
+    folder = tiny_model_copy / version
+    folder.mkdir()
+    for file in list(tiny_model_copy.iterdir()):
+        if file.is_file():
+            file.rename(folder / file.name)
+    card = _card_dict(folder)
+    card["version"] = version
+    (folder / MODEL_JSON).write_text(json.dumps(card))
+    return folder
+
+
+def test_versions_side_by_side_are_scanned_oldest_first(tiny_model_copy: Path) -> None:
+    for version in ("10", "9"):
+        folder = _version_folder(tiny_model_copy, version)
+        for file in folder.iterdir():  # the next version starts from this one's files
+            (tiny_model_copy / file.name).write_bytes(file.read_bytes())
+    for file in tiny_model_copy.iterdir():
+        if file.is_file():
+            file.unlink()
+    models = scan_repository(tiny_model_copy.parent)
+    assert [(m.name, m.version) for m in models] == [("tiny", "9"), ("tiny", "10")]
+    assert models[1].path("a2b") == (tiny_model_copy / "10" / "a2b.onnx").resolve()
+
+
+def test_a_version_folder_must_match_its_card(tiny_model_copy: Path) -> None:
+    folder = _version_folder(tiny_model_copy, "2")
+    wrong = folder.rename(tiny_model_copy / "3")
+    with pytest.raises(ModelRepositoryError, match=r"'tiny'/'2' differ from its folders 'tiny'/'3'"):
+        scan_repository(tiny_model_copy.parent)
+    wrong.rename(folder)
+    assert [m.version for m in scan_repository(tiny_model_copy.parent)] == ["2"]
+
+
+def test_both_layouts_in_one_model_folder_are_refused(tiny_model_copy: Path) -> None:
+    folder = _version_folder(tiny_model_copy, "2")
+    (tiny_model_copy / MODEL_JSON).write_bytes((folder / MODEL_JSON).read_bytes())
+    with pytest.raises(ModelRepositoryError, match="both a model.json and version folders"):
+        scan_repository(tiny_model_copy.parent)
+
+
+def test_versions_compare_in_natural_order() -> None:
+    ordered = ["1", "1.9", "2", "9", "10"]
+    assert sorted(["10", "1.9", "9", "2", "1"], key=version_key) == ordered
+    assert version_key("1.9") < version_key("1.10") and version_key("2026-02-01") < version_key("2026-11-01")
 
 
 def test_sha256_file_matches_hashlib(tmp_path: Path) -> None:
