@@ -55,12 +55,15 @@ COPY pyproject.toml ./
 # base and serve requirements read from pyproject. The CPU image swaps onnxruntime-gpu (about 255 MB)
 # for the CPU wheel of the same versions (both install the `onnxruntime` module: only one may be present)
 # and adds the cpu-fast extra: OpenVINO, which DCLGAN_ENGINE=auto then serves CPU devices with (README,
-# "Engines and precision"); the GPU image serves with onnxruntime-gpu and does not need it.
+# "Engines and precision"); the GPU image serves with onnxruntime-gpu and does not need it. Both get the
+# otel extra (about 8 MB of pure Python): tracing then needs only the OTEL_* variables, and costs nothing
+# while they are unset (README, "Tracing").
 RUN --mount=type=secret,id=pip_cert \
     if [ -s /run/secrets/pip_cert ]; then export PIP_CERT=/run/secrets/pip_cert; fi \
     && python3 -m venv /opt/venv \
     && python3 -c "import os, tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
-cpu = os.environ['VARIANT'] == 'cpu'; extras = p['optional-dependencies']; serve = extras['serve']; \
+cpu = os.environ['VARIANT'] == 'cpu'; extras = p['optional-dependencies']; \
+serve = extras['serve'] + extras['otel']; \
 serve = [r.replace('onnxruntime-gpu', 'onnxruntime') for r in serve] + extras['cpu-fast'] if cpu else serve; \
 print('\n'.join(p['dependencies'] + serve))" \
         > requirements.txt \

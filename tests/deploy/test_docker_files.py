@@ -93,7 +93,7 @@ def test_copied_paths_exist_and_are_in_the_build_context() -> None:
 def test_image_has_no_training_code_and_no_torch() -> None:
     assert not any(Path(s).parts[0] in ("training", "tests", "checkpoints") for s in copied_sources())
     runs = " ".join(args for keyword, args in dockerfile_instructions() if keyword == "RUN")
-    assert "['optional-dependencies']['serve']" in runs  # the serve extra's requirements, read from pyproject
+    assert "extras['serve']" in runs  # the serve extra's requirements, read from pyproject
     assert "torch" not in runs and "train" not in runs
 
 
@@ -159,13 +159,18 @@ def _installed_closure(requirements: list[str]) -> set[str]:
 
 # Modules the service imports only when they are installed, with the extra that installs them.
 OPTIONAL_IMPORTS = {"openvino": "cpu-fast"}  # service.openvino_runner: DCLGAN_ENGINE=auto falls back to onnxruntime
+# Extras every image installs besides the base dependencies (the Dockerfile's requirements step).
+IMAGE_EXTRAS = ("serve", "otel")
 
 
 def test_serve_extra_provides_every_module_the_service_imports() -> None:
-    """The image installs only the base dependencies and the serve extra: a module the service imports
-    from anything else is missing there, and the container dies at start-up (unless it is optional)."""
+    """The image installs only the base dependencies and the serve and otel extras: a module the service
+    imports from anything else is missing there, and the container dies at start-up (unless it is optional)."""
     project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]
-    provided = _installed_closure(project["dependencies"] + project["optional-dependencies"]["serve"])
+    extras = project["optional-dependencies"]
+    provided = _installed_closure(project["dependencies"] + [r for e in IMAGE_EXTRAS for r in extras[e]])
+    runs = " ".join(args for keyword, args in dockerfile_instructions() if keyword == "RUN")
+    assert all(f"extras['{e}']" in runs for e in IMAGE_EXTRAS), "the Dockerfile installs other extras"
     for module, extra in OPTIONAL_IMPORTS.items():
         assert module in _installed_closure(project["optional-dependencies"][extra]), (module, extra)
     owners = importlib.metadata.packages_distributions()
@@ -175,7 +180,7 @@ def test_serve_extra_provides_every_module_the_service_imports() -> None:
         if not {canonicalize_name(d) for d in owners.get(module, [])} & provided
     }
     assert not missing, (
-        f"service/ imports modules that the dependencies + serve extra do not install: {missing}"
+        f"service/ imports modules that the dependencies + {IMAGE_EXTRAS} extras do not install: {missing}"
     )
 
 

@@ -195,7 +195,7 @@ def test_image_runs_as_non_root_and_holds_only_the_service(engine: Engine, image
     assert config["StopSignal"] == "SIGTERM"
 
     packages = {p["name"].lower() for p in json.loads(in_image(engine, "-m", "pip", "list", "--format", "json").stdout)}
-    assert {"onnxruntime", "openvino", "fastapi", "dclgan-serve"} <= packages
+    assert {"onnxruntime", "openvino", "opentelemetry-sdk", "fastapi", "dclgan-serve"} <= packages
     assert not {"torch", "torchvision", "onnxruntime-gpu"} & packages, sorted(packages)
     assert in_image(engine, "-c", "import training").returncode != 0, "training code is in the image"
 
