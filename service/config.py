@@ -126,6 +126,12 @@ class Settings(BaseSettings):
     drain_timeout_s: float = Field(
         30.0, ge=0, description="on SIGTERM, how long queued and running work may take"
     )
+    reload_poll_s: float = Field(
+        0.0,
+        ge=0,
+        description="check the model repository for changed files this often (seconds) and reload them; "
+        "0: only on SIGHUP or `POST /admin/reload`",
+    )
     max_upload_bytes: int = Field(10 * 1024 * 1024, ge=1, description="largest request body (bytes)")
     max_pixels: int = Field(25_000_000, ge=1, description="largest decoded image (width x height)")
     max_side: int = Field(1024, ge=8, description="working resolution: longer side is scaled down to this")

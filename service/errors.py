@@ -5,7 +5,11 @@ Exception tree (``status`` is the HTTP code, ``error`` the stable machine-readab
     ServiceError                     500 internal_error
      +-- MalformedRequest            400 bad_request            unparsable multipart, too many files
      +-- Unauthorized                401 unauthorized           missing or wrong bearer key
+     +-- Forbidden                   403 forbidden              an admin route from the network with no keys set
      +-- UnknownDirection            404 unknown_direction      names the available directions
+     +-- UnknownVersion              404 unknown_version        names the direction's available versions
+     +-- ReloadFailed                409 reload_failed          the new models could not be loaded; the old serve
+     +-- ReloadInProgress            409 reload_in_progress     another reload is running
      +-- NotAcceptable               406 not_acceptable         Accept names no format we produce
      +-- PayloadTooLarge             413 payload_too_large      body over max_upload_bytes
      +-- UnsupportedMediaType        415 unsupported_media_type neither multipart nor image/*
@@ -55,8 +59,26 @@ class Unauthorized(ServiceError):
     status, error = 401, "unauthorized"
 
 
+class Forbidden(ServiceError):
+    status, error = 403, "forbidden"
+
+
 class UnknownDirection(ServiceError):
     status, error = 404, "unknown_direction"
+
+
+class UnknownVersion(ServiceError):
+    status, error = 404, "unknown_version"
+
+
+class ReloadFailed(ServiceError):
+    """The repository's new state could not be loaded or warmed up; the versions served before still are."""
+
+    status, error = 409, "reload_failed"
+
+
+class ReloadInProgress(ServiceError):
+    status, error = 409, "reload_in_progress"
 
 
 class NotAcceptable(ServiceError):

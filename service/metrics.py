@@ -60,6 +60,7 @@ class ServiceMetrics:
     model: Info
     instance_failures: Counter
     request_memory_bytes: Gauge
+    reloads: Counter
 
     def batch_done(self, direction: str, device: str, batch: Batch, compute_s: float) -> None:
         """Record one executed batch: its size, its compute time and each item's queue wait."""
@@ -145,8 +146,8 @@ def build_metrics(registry: CollectorRegistry) -> ServiceMetrics:
         ),
         model=Info(
             "dclgan_model",
-            "Served directions: model version and the execution provider each device got",
-            ["model", "direction", "device"],
+            "Served directions: each version of each model and the execution provider each device got",
+            ["model", "version", "direction", "device"],
             registry=registry,
         ),
         instance_failures=Counter(
@@ -158,6 +159,12 @@ def build_metrics(registry: CollectorRegistry) -> ServiceMetrics:
         request_memory_bytes=Gauge(
             "dclgan_request_memory_bytes",
             "Bytes reserved by request bodies and decoded images in flight (of max_request_memory_bytes)",
+            registry=registry,
+        ),
+        reloads=Counter(
+            "dclgan_reloads",
+            "Reloads of the model repository by result (loaded, unchanged, failed: the old versions kept serving)",
+            ["result"],
             registry=registry,
         ),
     )

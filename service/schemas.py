@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
@@ -36,8 +36,11 @@ class DirectionInfo(BaseModel):
 
 
 class ModelInfo(BaseModel):
+    """One version of a model."""
+
     name: str
     version: str
+    default: bool = Field(description="this version serves requests that name no version (the newest)")
     description: str
     domains: tuple[str, str]
     precision: str = Field(
@@ -57,6 +60,16 @@ class ModelsResponse(BaseModel):
     models: list[ModelInfo]
     max_side: int = Field(description="working resolution: longer side at most this many pixels")
     max_batch_size: int
+
+
+class ReloadResponse(BaseModel):
+    result: Literal["loaded", "unchanged"] = Field(
+        description="`loaded`: new versions serve now and the previous ones are drained; `unchanged`: nothing to do"
+    )
+    models: dict[str, list[str]] = Field(
+        description="each served model's versions, newest (the default) first", examples=[{"horse2zebra": ["2", "1"]}]
+    )
+    seconds: float = Field(description="how long the reload took, the drain included")
 
 
 class HealthResponse(BaseModel):

@@ -10,6 +10,10 @@ admitted requests finish; once none is left uvicorn shuts down and the process e
 answered with a JSON 503 (``not_ready``, with its request id) instead of uvicorn's plain-text 500,
 and the process exits 1: the drain was incomplete.
 
+SIGHUP reloads the model repository without a restart, as nginx and most daemons do: new versions are
+loaded and warmed beside the served ones, switched to, and the old ones drained
+(:mod:`service.lifecycle`); a failed reload is logged and the old versions keep serving.
+
 Exit status: 0 clean drain; 1 incomplete drain, or a model instance that failed for good; 2 invalid
 configuration; 3 startup failure (model repository, missing GPU).
 """
@@ -31,7 +35,9 @@ from pydantic import ValidationError
 from service import logs
 from service.config import Settings, describe_invalid
 from service.connections import guarded_protocol
-from service.main import RunnerFactory, create_app
+from service.generation import RunnerFactory
+from service.lifecycle import ModelLifecycle
+from service.main import create_app
 from service.state import AppState
 
 logger = logging.getLogger("service.serve")
@@ -56,9 +62,11 @@ class _TracebackToDebug(logging.Filter):
 class DrainingServer(uvicorn.Server):
     """A uvicorn server whose first exit signal drains the app before uvicorn's own shutdown."""
 
-    def __init__(self, config: uvicorn.Config, state: AppState) -> None:
+    def __init__(self, config: uvicorn.Config, state: AppState, lifecycle: ModelLifecycle) -> None:
         super().__init__(config)
         self.state = state
+        self.lifecycle = lifecycle
+        self._reloads: set[asyncio.Task[None]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._drain: asyncio.Task[None] | None = None
         self._watch: asyncio.Task[None] | None = None
@@ -69,6 +77,7 @@ class DrainingServer(uvicorn.Server):
         self._loop = asyncio.get_running_loop()
         await super().startup(sockets)
         self._watch = asyncio.ensure_future(self._exit_on_instance_failure())
+        signal.signal(signal.SIGHUP, self._hangup)
         if self.started and self.servers and self.servers[0].sockets:
             host, port = self.servers[0].sockets[0].getsockname()[:2]
             base = f"http://{f'[{host}]' if ':' in host else host}:{port}"
@@ -91,6 +100,16 @@ class DrainingServer(uvicorn.Server):
                 self.should_exit = True
                 return
             await asyncio.sleep(0.25)
+
+    def _hangup(self, sig: int, frame: FrameType | None) -> None:
+        assert self._loop is not None  # installed by startup()
+        # Signal handlers run between bytecodes of the loop's thread: hand the work to the loop itself.
+        self._loop.call_soon_threadsafe(self._start_reload)
+
+    def _start_reload(self) -> None:
+        task = asyncio.ensure_future(self.lifecycle.reload_logged("SIGHUP"))
+        self._reloads.add(task)  # the loop keeps only weak references to its tasks
+        task.add_done_callback(self._reloads.discard)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if self._loop is None:
@@ -179,7 +198,7 @@ def main(argv: list[str] | None = None, *, runner_factory: RunnerFactory | None 
         # The drain above already answered every translate request; this only bounds the stragglers.
         timeout_graceful_shutdown=1,
     )
-    server = DrainingServer(config, app.state.service)
+    server = DrainingServer(config, app.state.service, app.state.lifecycle)
     try:
         server.run()
     except SystemExit as exc:  # uvicorn exits this way when the lifespan (model loading) fails

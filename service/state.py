@@ -1,8 +1,10 @@
 """What one running app holds, and its lifecycle: starting -> ready -> draining (or failed).
 
-``AppState`` is created empty by ``create_app`` and filled by the lifespan once the repository is
-loaded and the worker pool started. It lives on ``app.state.service``; routes reach it through
-``service.api.deps``. Only the event loop mutates ``inflight`` and ``draining``, so they need no lock.
+``AppState`` is created empty by ``create_app`` and given its first :class:`~service.generation.Generation`
+by the lifespan once the repository is loaded and the worker pool started; a reload replaces it
+(:mod:`service.lifecycle`). It lives on ``app.state.service``; routes reach it through
+``service.api.deps``. Only the event loop mutates ``inflight``, ``draining``, ``generation`` and the
+leases, so they need no lock.
 """
 
 from __future__ import annotations
@@ -19,11 +21,10 @@ from typing import TypeVar
 from anyio import CapacityLimiter, to_thread
 
 from service.admission import MemoryBudget
-from service.batching import Batcher
 from service.config import Settings
 from service.errors import ErrorPolicy, NotReady, Overloaded, UnknownDirection
+from service.generation import Generation, ServedDirection
 from service.metrics import ServiceMetrics
-from service.repository import DirectionSpec, LoadedModel
 from service.workers import WorkerPool
 
 T = TypeVar("T")
@@ -37,26 +38,15 @@ class Phase(enum.StrEnum):
     FAILED = "failed"
 
 
-@dataclass(frozen=True)
-class ServedDirection:
-    """One routable direction: its model, its spec and its queue."""
-
-    model: LoadedModel
-    spec: DirectionSpec
-    batcher: Batcher
-
-    @property
-    def name(self) -> str:
-        return self.spec.name
-
-
 @dataclass
 class AppState:
-    """Settings, metrics and, once started, the served directions and the worker pool.
+    """Settings, metrics and, once started, the served generation of models.
 
     Attributes:
         budget: memory that request bodies and decoded images may hold at once.
         io_limiter: the bounded pool that decodes and encodes (created by the lifespan, on the loop).
+        generation: what requests are routed to (``None`` until the first load).
+        retiring: generations replaced by a reload and still draining.
     """
 
     settings: Settings
@@ -64,13 +54,24 @@ class AppState:
     policy: ErrorPolicy
     budget: MemoryBudget
     io_limiter: CapacityLimiter | None = None
-    directions: dict[str, ServedDirection] = field(default_factory=dict)
-    pool: WorkerPool | None = None
+    generation: Generation | None = None
+    retiring: list[Generation] = field(default_factory=list)
     draining: bool = False
     inflight: int = 0
     drain_started: float | None = None
     cut_off_reason: str | None = None
     _tasks: set[asyncio.Task[object]] = field(default_factory=set)
+
+    @property
+    def pool(self) -> WorkerPool | None:
+        """The served generation's pool (a reload's new pool counts only once switched to)."""
+        return None if self.generation is None else self.generation.pool
+
+    @property
+    def directions(self) -> dict[str, ServedDirection]:
+        """Each served direction's newest version."""
+        generation = self.generation
+        return {} if generation is None else {name: generation.newest(name) for name in generation.routes}
 
     @property
     def phase(self) -> Phase:
@@ -84,13 +85,14 @@ class AppState:
             return Phase.STARTING
         return Phase.READY if self.pool.serving else Phase.DEGRADED
 
-    def direction(self, name: str) -> ServedDirection:
-        """The served direction ``name``; the 404 lists the available ones."""
-        try:
-            return self.directions[name]
-        except KeyError:
-            available = ", ".join(sorted(self.directions)) or "none (no model loaded yet)"
-            raise UnknownDirection(f"no direction {name!r}; available: {available}") from None
+    @contextmanager
+    def lease(self, direction: str, version: str | None) -> Iterator[ServedDirection]:
+        """Route a request to ``direction`` in ``version`` (default: the newest) and keep what serves it open
+        until the request is answered, even if a reload switches to a new generation meanwhile."""
+        if self.generation is None:
+            raise UnknownDirection(f"no direction {direction!r}; available: none (no model loaded yet)")
+        with self.generation.lease(direction, version) as served:
+            yield served
 
     @contextmanager
     def admit(self) -> Iterator[None]:

@@ -70,6 +70,7 @@ class DirectionPlan:
     Attributes:
         name: the direction, e.g. ``horse2zebra``.
         batcher: its queue.
+        version: the model version it serves (a pool may hold several versions of a direction).
         open_runner: creates a runner on a device (``"cpu"``, ``"cuda:0"``); may raise, e.g.
             ``ProviderUnavailable`` when a required GPU is missing.
         warmup_input: (N, 3, H, W) float32 batch run once by every instance before it is ready.
@@ -79,6 +80,7 @@ class DirectionPlan:
     batcher: Batcher
     open_runner: Callable[[str], DeviceRunner]
     warmup_input: np.ndarray
+    version: str = ""
 
 
 @dataclass
@@ -104,7 +106,8 @@ class Instance:
 
     @property
     def name(self) -> str:
-        return f"{self.direction.name}@{self.device}#{self.index}"
+        version = f":{self.direction.version}" if self.direction.version else ""
+        return f"{self.direction.name}{version}@{self.device}#{self.index}"
 
     @property
     def busy(self) -> bool:
@@ -162,6 +165,7 @@ class WorkerPool:
         self._warm_count = 0
         self._started_at = 0.0
         self._stopping = threading.Event()
+        self._settled = threading.Event()  # every instance warm, or the pool failed
 
     def start(self) -> None:
         """Open every runner (fails fast, e.g. on a missing GPU), then start one thread per instance
@@ -191,14 +195,24 @@ class WorkerPool:
         """Every instance has run its warm-up batch."""
         return bool(self.instances) and all(inst.warm.is_set() for inst in self.instances)
 
+    def wait_warm(self, timeout_s: float) -> str | None:
+        """Block until every instance is warm; the reason it will not be (failed or too slow), else ``None``."""
+        if not self._settled.wait(timeout_s):
+            return f"the model instances did not warm up within {timeout_s:g} s"
+        return self.failure
+
     @property
     def serving(self) -> bool:
-        """Every direction has at least one healthy instance (readiness)."""
-        return all(self.serves(plan.name) for plan in self.plans)
+        """Every direction (of every version) has at least one healthy instance (readiness)."""
+        return all(any(i.healthy for i in self.instances if i.direction is plan) for plan in self.plans)
 
-    def serves(self, direction: str) -> bool:
-        """``direction`` has at least one healthy instance."""
-        return any(inst.healthy for inst in self.instances if inst.direction.name == direction)
+    def serves(self, direction: str, version: str | None = None) -> bool:
+        """``direction`` (of ``version``, or of any version) has at least one healthy instance."""
+        return any(
+            inst.healthy
+            for inst in self.instances
+            if inst.direction.name == direction and version in (None, inst.direction.version)
+        )
 
     def busy_count(self, device: str) -> int:
         return sum(inst.busy for inst in self.instances if inst.device == device)
@@ -254,11 +268,16 @@ class WorkerPool:
         self._notify_failure(inst, kind)
         plan = inst.direction
         if all(other.failed is not None for other in self.instances if other.direction is plan):
-            with self._lock:
-                self.failure = self.failure or f"direction {plan.name} has no live instance: {reason}"
+            self._record_failure(f"direction {plan.name} has no live instance: {reason}")
             # Nobody will ever take these: answer them now (503) rather than at their deadlines.
             plan.batcher.close()
             plan.batcher.cancel_pending(f"direction {plan.name} has no working model instance")
+
+    def _record_failure(self, reason: str) -> None:
+        """The pool failed for good; the first reason is kept."""
+        with self._lock:
+            self.failure = self.failure or reason
+        self._settled.set()
 
     def _notify_failure(self, inst: Instance, kind: str) -> None:
         if self.observer is not None:
@@ -274,14 +293,14 @@ class WorkerPool:
             logger.exception("warm-up of %s failed", inst.name)
             inst.failed = "warm-up failed"
             self._notify_failure(inst, "warmup")
-            with self._lock:
-                self.failure = self.failure or f"warm-up of {inst.name} failed"
+            self._record_failure(f"warm-up of {inst.name} failed")
             return False
         inst.warm.set()
         with self._lock:
             self._warm_count += 1
             last = self._warm_count == len(self.instances)
         if last:
+            self._settled.set()
             logger.info(
                 "all %d instances warm after %.2f s", self._warm_count, time.perf_counter() - self._started_at
             )

@@ -1,15 +1,19 @@
-"""``Annotated`` dependencies over ``app.state.service``: the app state, API-key checks, the direction."""
+"""``Annotated`` dependencies over ``app.state``: the app state, API-key checks, the routed direction."""
 
 from __future__ import annotations
 
 import hmac
+import ipaddress
+from collections.abc import AsyncIterator
 from typing import Annotated
 
-from fastapi import Depends, Path, Request
+from fastapi import Depends, Path, Query, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from service.errors import Unauthorized
-from service.state import AppState, ServedDirection
+from service.errors import Forbidden, Unauthorized
+from service.generation import ServedDirection
+from service.lifecycle import ModelLifecycle
+from service.state import AppState
 
 
 def get_state(request: Request) -> AppState:
@@ -17,7 +21,13 @@ def get_state(request: Request) -> AppState:
     return state
 
 
+def get_lifecycle(request: Request) -> ModelLifecycle:
+    lifecycle: ModelLifecycle = request.app.state.lifecycle
+    return lifecycle
+
+
 State = Annotated[AppState, Depends(get_state)]
+Lifecycle = Annotated[ModelLifecycle, Depends(get_lifecycle)]
 
 _bearer = HTTPBearer(auto_error=False, description="one of the keys in `DCLGAN_API_KEYS` (when set)")
 Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
@@ -46,15 +56,35 @@ def require_metrics_key(state: State, credentials: Credentials) -> None:
         _check_key(state, credentials)
 
 
-def get_direction(
+def require_admin(request: Request, state: State, credentials: Credentials) -> None:
+    """A key when keys are configured; without keys, only a client on this machine (403 otherwise).
+
+    Translating without keys harms nobody but the sender; a reload loads every model a second time, so an
+    open one would let anyone on the network make the server spend memory and CPU at will.
+    """
+    if state.settings.api_keys:
+        _check_key(state, credentials)
+        return
+    host = request.client.host if request.client is not None else ""
+    try:
+        local = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        local = False
+    if not local:
+        raise Forbidden("admin routes need an API key (DCLGAN_API_KEYS) unless called from this machine")
+
+
+async def get_direction(
     request: Request,
     state: State,
     direction: Annotated[str, Path(description="a direction of a served model, e.g. `horse2zebra`")],
-) -> ServedDirection:
-    """The served direction named in the path (404 listing the others); labels the request's metrics."""
-    served = state.direction(direction)
-    request.state.direction = served.name
-    return served
+    version: Annotated[str | None, Query(description="the model version to use (default: the newest)")] = None,
+) -> AsyncIterator[ServedDirection]:
+    """The served (direction, version) the request names (404s list the others), held until it is answered
+    (a reload meanwhile lets it finish on this version); labels the request's metrics."""
+    with state.lease(direction, version or None) as served:  # `?version=` (empty) asks for the default
+        request.state.direction = served.name
+        yield served
 
 
 Direction = Annotated[ServedDirection, Depends(get_direction)]

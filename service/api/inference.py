@@ -22,6 +22,7 @@ from starlette.requests import Request
 
 from service.batching import InferenceResult
 from service.errors import ClientDisconnected, DeadlineExceeded, InferenceFailed, NotReady, Overloaded, QueueFull
+from service.generation import ServedDirection
 from service.imaging import (
     MEDIA_TYPES,
     ImageError,
@@ -35,7 +36,7 @@ from service.imaging import (
     to_input,
     working_size,
 )
-from service.state import AppState, ServedDirection
+from service.state import AppState
 
 logger = logging.getLogger(__name__)
 
@@ -99,7 +100,7 @@ def refuse_if_full(served: ServedDirection, state: AppState) -> None:
     """Refuse before the upload is even read: 503 ``not_ready`` while the direction has no healthy instance
     (its runners hang past the batch limit; other directions are still served), ``QueueFull`` (counted)
     when its queue is full."""
-    if state.pool is not None and not state.pool.serves(served.name):
+    if not served.healthy:
         raise NotReady(f"direction {served.name} has no healthy model instance right now")
     try:
         served.batcher.ensure_room()

@@ -20,6 +20,7 @@ from service.api.deps import Direction, State, require_api_key, require_metrics_
 from service.api.inference import Options, Translated, refuse_if_full, translate, unless_disconnected
 from service.api.media import RAW_MEDIA_TYPES, Upload, choose_format, read_uploads
 from service.errors import ErrorPolicy, PayloadTooLarge, describe
+from service.generation import ServedDirection
 from service.imaging import MEDIA_TYPES, OutputFormat
 from service.runtime import file_variant
 from service.schemas import (
@@ -33,14 +34,15 @@ from service.schemas import (
     ModelsResponse,
     ReadyResponse,
 )
-from service.state import AppState, Phase, ServedDirection
+from service.state import AppState, Phase
 
 logger = logging.getLogger(__name__)
 
 _ERROR_DOCS = {
     400: "Corrupt or truncated image (`corrupt_image`), or an unparsable multipart body (`bad_request`)",
     401: "Missing or unknown API key (only when `DCLGAN_API_KEYS` is set)",
-    404: "Unknown direction; the detail lists the available ones",
+    404: "Unknown direction (`unknown_direction`) or version (`unknown_version`); the detail lists the available "
+    "ones",
     406: "The `Accept` header names no format the service produces",
     413: "Body over `DCLGAN_MAX_UPLOAD_BYTES`, or an image over `DCLGAN_MAX_PIXELS` or needing more memory than "
     "`DCLGAN_MAX_REQUEST_MEMORY_BYTES` (`image_too_large`)",
@@ -168,6 +170,9 @@ def _record_timings(request: Request, outputs: list[Translated]) -> str:
         200: {
             "description": "The translated image, exactly the input's size",
             "content": {media: {"schema": _BINARY} for media in MEDIA_TYPES.values()},
+            "headers": {
+                "X-Model-Version": {"description": "the model version that computed it", "schema": {"type": "string"}}
+            },
         },
         **error_responses(400, 401, 404, 406, 413, 415, 422, 429, 500, 503, 504),
     },
@@ -262,20 +267,23 @@ def _batch_item(
 @router.get(
     "/models",
     tags=["models"],
-    summary="Served models, their directions, versions and where each runs",
+    summary="Served models (one entry per version, the default first), their directions and where each runs",
     dependencies=[Depends(require_api_key)],
     responses=error_responses(401),
 )
 async def list_models(state: State) -> ModelsResponse:
-    instances = state.pool.instances if state.pool is not None else []
-    models: dict[str, ModelInfo] = {}
-    for served in state.directions.values():
+    generation = state.generation
+    served_all = list(generation.served()) if generation is not None else []
+    defaults = state.directions
+    models: dict[tuple[str, str], ModelInfo] = {}
+    for served in sorted(served_all, key=lambda s: s.model.name):  # stable: each model's newest version first
         card = served.model.card
         info = models.setdefault(
-            card.name,
+            (card.name, card.version),
             ModelInfo(
                 name=card.name,
                 version=card.version,
+                default=defaults[served.name] is served,
                 description=card.description,
                 domains=card.domains,
                 precision=file_variant(state.settings.precision),
@@ -302,8 +310,8 @@ async def list_models(state: State) -> ModelsResponse:
                         psnr_db=inst.runner.psnr_db,
                         warm=inst.warm.is_set(),
                     )
-                    for inst in instances
-                    if inst.direction.name == served.name
+                    for inst in served.pool.instances
+                    if inst.direction.batcher is served.batcher
                 ],
             )
         )

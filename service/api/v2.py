@@ -1,10 +1,11 @@
 """Open Inference Protocol (KServe v2) health and model metadata routes, beside the image API.
 
 Kubernetes probes and KServe tooling speak this protocol: ``/v2/health/live``, ``/v2/health/ready``,
-``/v2/models/{name}`` and ``/v2/models/{name}/ready``. They answer from the same state as ``/healthz`` and
-``/readyz``, so the two never disagree. A v2 *model* is a model of the repository (e.g. ``horse2zebra``
-with its two directions); it is ready when the service admits work and every one of its directions has a
-healthy instance, which is exactly when its translate routes accept requests. Tensor inference
+``/v2/models/{name}[/versions/{version}]`` and ``.../ready``. They answer from the same state as ``/healthz``
+and ``/readyz``, so the two never disagree. A v2 *model* is a model of the repository (e.g. ``horse2zebra``
+with its two directions), its versions those served side by side (without a version: the newest); it is
+ready when the service admits work and every one of its directions has a healthy instance, which is
+exactly when its translate routes accept requests. Tensor inference
 (``POST /v2/models/{name}/infer``) is not offered: the service takes and returns images (README, "Service").
 """
 
@@ -51,15 +52,25 @@ class ModelMetadata(BaseModel):
 
 
 ModelName = Annotated[str, Path(description="a served model's name, as `/models` lists it")]
+ModelVersion = Annotated[str, Path(description="one of the model's served versions")]
 
 
-def _model(state: AppState, name: str) -> LoadedModel:
-    """The served model ``name``; 404 (with the protocol's ``error`` field) if there is none."""
-    for served in state.directions.values():
-        if served.model.name == name:
-            return served.model
-    available = ", ".join(sorted({s.model.name for s in state.directions.values()})) or "none (none loaded yet)"
-    raise HTTPException(404, f"no model {name!r}; available: {available}")
+def _versions(state: AppState, name: str) -> list[LoadedModel]:
+    """The served versions of model ``name``, newest first; 404 (with the protocol's ``error`` field) if none."""
+    versions = state.generation.versions(name) if state.generation is not None else []
+    if not versions:
+        served = ", ".join(sorted({s.model.name for s in state.directions.values()})) or "none (none loaded yet)"
+        raise HTTPException(404, f"no model {name!r}; available: {served}")
+    return versions
+
+
+def _version(state: AppState, name: str, version: str) -> LoadedModel:
+    versions = _versions(state, name)
+    for model in versions:
+        if model.version == version:
+            return model
+    available = ", ".join(m.version for m in versions)
+    raise HTTPException(404, f"model {name!r} has no version {version!r}; available: {available}")
 
 
 def _not_ready(state: AppState, response: Response) -> None:
@@ -68,7 +79,9 @@ def _not_ready(state: AppState, response: Response) -> None:
     response.headers["Retry-After"] = str(state.policy.retry_after_s)
 
 
-_UNKNOWN_MODEL = {404: {"model": ErrorBody, "description": "Unknown model; the detail lists the available ones"}}
+_UNKNOWN_MODEL = {
+    404: {"model": ErrorBody, "description": "Unknown model or version; the detail lists the available ones"}
+}
 _NOT_READY = {
     "model": ReadyResponse,
     "description": "Starting, draining, failed, or a direction without a healthy instance",
@@ -100,34 +113,65 @@ async def server_ready(state: State, response: Response) -> ReadyResponse:
     return ReadyResponse(ready=ready)
 
 
-@router.get(
-    "/models/{name}",
-    summary="Model metadata (KServe v2): versions, platform, input and output tensors",
-    dependencies=[Depends(require_api_key)],  # like /models
-    responses={**error_responses(401), **_UNKNOWN_MODEL},
-)
-async def model_metadata(state: State, name: ModelName) -> ModelMetadata:
-    card = _model(state, name).card
+def _metadata(model: LoadedModel, versions: list[str]) -> ModelMetadata:
+    card = model.card
     return ModelMetadata(
         name=card.name,
-        versions=[card.version],
+        versions=versions,
         inputs=[TensorMetadata(name=card.input.input_name, shape=_IMAGE_SHAPE)],
         outputs=[TensorMetadata(name=card.input.output_name, shape=_IMAGE_SHAPE)],
     )
 
 
-@router.get(
-    "/models/{name}/ready",
-    summary="Model readiness (KServe v2): 200 when every direction of the model has a healthy instance",
-    responses={503: _NOT_READY, **_UNKNOWN_MODEL},
-)
-async def model_ready(state: State, response: Response, name: ModelName) -> ReadyResponse:
-    model = _model(state, name)
+def _model_ready(state: AppState, response: Response, model: LoadedModel) -> ReadyResponse:
+    generation = state.generation
     ready = (
         state.phase in (Phase.READY, Phase.DEGRADED)  # what translate requests are admitted in
-        and state.pool is not None
-        and all(state.pool.serves(spec.name) for spec in model.card.directions)
+        and generation is not None
+        and all(generation.pool.serves(spec.name, model.version) for spec in model.card.directions)
     )
     if not ready:
         _not_ready(state, response)
     return ReadyResponse(ready=ready)
+
+
+@router.get(
+    "/models/{name}",
+    summary="Model metadata (KServe v2): versions (newest first), platform, input and output tensors",
+    dependencies=[Depends(require_api_key)],  # like /models
+    responses={**error_responses(401), **_UNKNOWN_MODEL},
+)
+async def model_metadata(state: State, name: ModelName) -> ModelMetadata:
+    versions = _versions(state, name)
+    return _metadata(versions[0], [m.version for m in versions])
+
+
+@router.get(
+    "/models/{name}/versions/{version}",
+    summary="Metadata of one version of a model (KServe v2)",
+    dependencies=[Depends(require_api_key)],
+    responses={**error_responses(401), **_UNKNOWN_MODEL},
+)
+async def model_version_metadata(state: State, name: ModelName, version: ModelVersion) -> ModelMetadata:
+    return _metadata(_version(state, name, version), [version])
+
+
+@router.get(
+    "/models/{name}/ready",
+    summary="Model readiness (KServe v2): 200 when every direction of the model's newest version has a healthy "
+    "instance",
+    responses={503: _NOT_READY, **_UNKNOWN_MODEL},
+)
+async def model_ready(state: State, response: Response, name: ModelName) -> ReadyResponse:
+    return _model_ready(state, response, _versions(state, name)[0])
+
+
+@router.get(
+    "/models/{name}/versions/{version}/ready",
+    summary="Readiness of one version of a model (KServe v2)",
+    responses={503: _NOT_READY, **_UNKNOWN_MODEL},
+)
+async def model_version_ready(
+    state: State, response: Response, name: ModelName, version: ModelVersion
+) -> ReadyResponse:
+    return _model_ready(state, response, _version(state, name, version))

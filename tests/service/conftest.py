@@ -1,4 +1,5 @@
-"""Shared fixtures for the service tests: a tiny exported model repository and generated images.
+"""Shared fixtures for the service tests: a tiny exported model repository, a fake one, fake runners and
+generated images.
 
 ``tiny_repo`` exports two real (tiny, randomly initialised) generators with torch, once per test run.
 Tests may import torch; the code under test (``service/``) may not.
@@ -14,6 +15,7 @@ from typing import Any
 import numpy as np
 import pytest
 from PIL import Image
+from service_fakes import Fakes, write_fake_repo
 
 from service.repository import DirectionSpec, InputContract, ModelCard, OnnxFile, Provenance, sha256_file
 
@@ -92,6 +94,23 @@ def tiny_model_copy(tiny_repo: Path, tmp_path: Path) -> Path:
     for src in (tiny_repo / TINY_MODEL).iterdir():
         (dest / src.name).write_bytes(src.read_bytes())
     return dest
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    """The async tests run on asyncio, the event loop the service runs on."""
+    return "asyncio"
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> Path:
+    """A fake repository: ``tiny`` version 7 in the flat layout (``tiny/model.json``), directions a2b and b2a."""
+    return write_fake_repo(tmp_path / "models")
+
+
+@pytest.fixture
+def fakes() -> Fakes:
+    return Fakes()
 
 
 def make_image(size: tuple[int, int], mode: str = "RGB", seed: int = 0) -> Image.Image:

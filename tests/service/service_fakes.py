@@ -32,6 +32,7 @@ from service.repository import (
     Provenance,
     sha256_file,
 )
+from service.state import AppState
 
 FAKE_PROVIDER = "FakeExecutionProvider"
 
@@ -64,19 +65,30 @@ class Fakes:
         return [len(b) for d, b in list(self.batches) if direction in (None, d)]
 
 
-class FakeRunner:
-    """Negates its input; the first call is the warm-up."""
+class FakeDevice:
+    """Where and how every fake runner says it runs (the ``DeviceRunner`` attributes but ``device``); its first
+    call is the warm-up."""
 
     provider = FAKE_PROVIDER
     engine, precision, psnr_db = "fake", "float32", None
+    warmed = False
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        warm_up, self.warmed = not self.warmed, True
+        return self.compute(batch, warm_up=warm_up)
+
+    def compute(self, batch: np.ndarray, *, warm_up: bool) -> np.ndarray:
+        raise NotImplementedError
+
+
+class FakeRunner(FakeDevice):
+    """Negates its input."""
 
     def __init__(self, fakes: Fakes, direction: str, device: str) -> None:
         self.fakes, self.direction, self.device = fakes, direction, device
-        self.warmed = False
 
-    def run(self, batch: np.ndarray) -> np.ndarray:
-        if not self.warmed:
-            self.warmed = True
+    def compute(self, batch: np.ndarray, *, warm_up: bool) -> np.ndarray:
+        if warm_up:
             self.fakes.warmup_gate.wait(30)
             return -batch
         self.fakes.batches.append((self.direction, batch.copy()))
@@ -86,9 +98,17 @@ class FakeRunner:
         return -batch
 
 
-def write_fake_repo(root: Path, name: str = "tiny", directions: tuple[str, ...] = ("a2b", "b2a")) -> Path:
-    """A repository with one model whose ONNX files are placeholders (fake runners never open them)."""
-    folder = root / name
+def write_fake_repo(
+    root: Path,
+    name: str = "tiny",
+    directions: tuple[str, ...] = ("a2b", "b2a"),
+    *,
+    version: str = "7",
+    versioned: bool = False,
+) -> Path:
+    """A repository with one model whose ONNX files are placeholders (fake runners never open them), in the
+    flat layout (``<name>/model.json``) or, ``versioned``, as the version folder ``<name>/<version>/``."""
+    folder = root / name / version if versioned else root / name
     folder.mkdir(parents=True)
     specs = []
     for index, direction in enumerate(directions):
@@ -106,13 +126,18 @@ def write_fake_repo(root: Path, name: str = "tiny", directions: tuple[str, ...] 
         )
     ModelCard(
         name=name,
-        version="7",
+        version=version,
         domains=("a", "b"),
         directions=specs,
         input=InputContract(native_size=16),
         provenance=Provenance(model_type="dcl", ngf=4, n_blocks=1, antialias=True, source="test"),
     ).write(folder)
     return root
+
+
+def state_of(app: Any) -> AppState:
+    """The service state of an app built by ``create_app``."""
+    return app.state.service  # type: ignore[no-any-return]
 
 
 def wait_until(predicate: Callable[[], bool], timeout_s: float = 10.0, what: str = "condition") -> None:
@@ -167,11 +192,8 @@ def sample(metrics_text: str, name: str, **labels: str) -> float:
     return samples(metrics_text).get((name, frozenset(labels.items())), 0.0)
 
 
-class BrokenRunner:
+class BrokenRunner(FakeDevice):
     """A runner whose every call fails, as an instance that cannot allocate its memory would."""
-
-    provider = FAKE_PROVIDER
-    engine, precision, psnr_db = "fake", "float32", None
 
     def __init__(self, device: str) -> None:
         self.device = device
@@ -200,3 +222,62 @@ def png(size: tuple[int, int] = (30, 20), seed: int = 0) -> bytes:
 def raw(data: bytes, content_type: str = "image/png") -> dict[str, Any]:
     """httpx keyword arguments for a raw image body."""
     return {"content": data, "headers": {"content-type": content_type}}
+
+
+def stamp(version: str) -> float:
+    """What a ``StampRunner`` of a numbered ``version`` outputs everywhere: a grey level of its own."""
+    return int(version) / 20 - 1
+
+
+def stamped_pixel(version: str) -> int:
+    """The 0..255 value every pixel of an image computed by ``version``'s ``StampRunner`` has."""
+    return int(np.rint((stamp(version) + 1) * 127.5))
+
+
+@dataclass
+class Stamps:
+    """Runners that stamp their model version into every output pixel, so a test can tell from the image
+    itself which version computed it.
+
+    Attributes:
+        held: versions whose inference (not warm-up) waits until released.
+        warmup_held: versions whose warm-up waits until released.
+        broken: versions whose warm-up fails.
+        warming: versions whose warm-up has begun, one entry per instance.
+    """
+
+    held: set[str] = field(default_factory=set)
+    warmup_held: set[str] = field(default_factory=set)
+    broken: set[str] = field(default_factory=set)
+    warming: list[str] = field(default_factory=list)
+    _released: threading.Condition = field(default_factory=threading.Condition)
+
+    def release(self, version: str) -> None:
+        with self._released:
+            self.held.discard(version)
+            self.warmup_held.discard(version)
+            self._released.notify_all()
+
+    def wait(self, version: str, held: set[str]) -> None:
+        with self._released:
+            self._released.wait_for(lambda: version not in held, timeout=30)
+
+    def factory(self, model: LoadedModel, direction: str, device: str) -> StampRunner:
+        return StampRunner(self, model.version, device)
+
+
+class StampRunner(FakeDevice):
+    """Outputs ``stamp(version)`` in every pixel."""
+
+    def __init__(self, stamps: Stamps, version: str, device: str) -> None:
+        self.stamps, self.version, self.device = stamps, version, device
+
+    def compute(self, batch: np.ndarray, *, warm_up: bool) -> np.ndarray:
+        if warm_up:
+            self.stamps.warming.append(self.version)
+            self.stamps.wait(self.version, self.stamps.warmup_held)
+            if self.version in self.stamps.broken:
+                raise RuntimeError(f"version {self.version} cannot warm up")
+        else:
+            self.stamps.wait(self.version, self.stamps.held)
+        return np.full_like(batch, stamp(self.version))

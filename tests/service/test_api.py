@@ -28,7 +28,7 @@ from service_fakes import (
     raw,
     running_app,
     sample,
-    write_fake_repo,
+    state_of,
 )
 
 import service.api.inference
@@ -36,25 +36,9 @@ from service.config import Settings
 from service.imaging import decode_image, from_output, to_input
 from service.repository import load_model_dir
 from service.runtime import OnnxRunner
-from service.state import AppState
 
 pytestmark = pytest.mark.anyio
 REPO_ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-@pytest.fixture
-def repo(tmp_path: Path) -> Path:
-    return write_fake_repo(tmp_path / "models")
-
-
-@pytest.fixture
-def fakes() -> Fakes:
-    return Fakes()
 
 
 def pixels(data: bytes) -> np.ndarray:
@@ -88,10 +72,6 @@ def post_scope(path: str, headers: list[tuple[bytes, bytes]], client_port: int) 
         "root_path": "",
         "state": {},
     }
-
-
-def state_of(app: Any) -> AppState:
-    return app.state.service  # type: ignore[no-any-return]
 
 
 # --- translating -------------------------------------------------------------------------------------

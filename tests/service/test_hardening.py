@@ -15,28 +15,13 @@ from pathlib import Path
 import httpx
 import pytest
 from PIL import Image
-from service_fakes import Fakes, eventually, png, raw, running_app, sample, write_fake_repo
+from service_fakes import Fakes, eventually, png, raw, running_app, sample
 
 from service.config import Settings
 from service.imaging import encode_image, probe_image
 
 pytestmark = pytest.mark.anyio
 MiB = 1024 * 1024
-
-
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-@pytest.fixture
-def repo(tmp_path: Path) -> Path:
-    return write_fake_repo(tmp_path / "models")
-
-
-@pytest.fixture
-def fakes() -> Fakes:
-    return Fakes()
 
 
 async def started(client: httpx.AsyncClient, fakes: Fakes, count: int = 1) -> asyncio.Task[httpx.Response]:

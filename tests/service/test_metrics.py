@@ -23,6 +23,7 @@ FAMILIES = {
     "dclgan_instances": "gauge",
     "dclgan_ready": "gauge",
     "dclgan_model_info": "gauge",  # an Info is exposed as a gauge of 1 with the values as labels
+    "dclgan_reloads": "counter",
 }
 
 
@@ -38,7 +39,8 @@ def test_every_family_parses_with_the_documented_name_and_type() -> None:
     for family in (metrics.queue_wait_seconds, metrics.batch_size):
         family.labels("a2b").observe(1)
     metrics.inference_seconds.labels("a2b", "cpu").observe(0.1)
-    metrics.model.labels("tiny", "a2b", "cpu").info({"version": "1", "provider": "CPUExecutionProvider"})
+    metrics.model.labels("tiny", "1", "a2b", "cpu").info({"provider": "CPUExecutionProvider"})
+    metrics.reloads.labels("loaded").inc()
     parsed = {f.name: f.type for f in text_string_to_metric_families(exposition(metrics.registry))}
     assert {name: parsed.get(name) for name in FAMILIES} == FAMILIES
     assert all(name.startswith(("dclgan_", "process_")) for name in parsed)

@@ -24,11 +24,6 @@ EXPECTED_MEDIA = {".js": "text/javascript", ".css": "text/css", ".svg": "image/s
 
 
 @pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-@pytest.fixture
 async def client(tmp_path: Path) -> AsyncIterator[httpx.AsyncClient]:
     # API keys are on: the page itself must stay public (its API calls carry the key the user types).
     settings = Settings(models_dir=write_fake_repo(tmp_path / "models"), api_keys=["secret"])

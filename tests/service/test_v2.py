@@ -8,21 +8,14 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
-from service_fakes import BrokenRunner, Fakes, eventually, running_app, write_fake_repo
+from service_fakes import BrokenRunner, Fakes, eventually, running_app, state_of, write_fake_repo
 
 from service.config import Settings
-from service.state import AppState
 
 pytestmark = pytest.mark.anyio
-
-
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
 
 
 @pytest.fixture
@@ -30,15 +23,6 @@ def repo(tmp_path: Path) -> Path:
     """Two models, so that one model's readiness can differ from the other's."""
     root = write_fake_repo(tmp_path / "models", name="tiny", directions=("a2b", "b2a"))
     return write_fake_repo(root, name="other", directions=("c2d", "d2c"))
-
-
-@pytest.fixture
-def fakes() -> Fakes:
-    return Fakes()
-
-
-def state_of(app: Any) -> AppState:
-    return app.state.service  # type: ignore[no-any-return]
 
 
 async def statuses(c: httpx.AsyncClient, *paths: str) -> list[int]:

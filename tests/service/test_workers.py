@@ -45,11 +45,6 @@ def image(value: float, side: int = 8) -> np.ndarray:
     return np.random.default_rng(int(value)).uniform(-1, 1, (3, side, side)).astype(np.float32) + value
 
 
-@pytest.fixture
-def fakes() -> Fakes:
-    return Fakes()
-
-
 class Recorder:
     def __init__(self) -> None:
         self.calls: list[tuple[str, str, int]] = []

@@ -17,11 +17,6 @@ from service.runtime import Engine
 pytestmark = pytest.mark.anyio
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 def with_working_side(model_dir: Path, side: int | None) -> None:
     """Rewrite a model folder's card with ``input.working_side`` set (validated through the schema)."""
     raw = json.loads((model_dir / "model.json").read_text())

@@ -1,0 +1,193 @@
+"""Reloading the model repository without a restart (``POST /admin/reload``, polling), in process.
+
+Runners stamp their model version into every output pixel (``StampRunner``), so each response proves
+which version computed it, whatever its ``X-Model-Version`` header says. Versions are held at gates to
+put requests in flight, or a warm-up in progress, at the moment a test needs; waits are bounded polls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+from service_fakes import Stamps, eventually, png, raw, running_app, sample, stamped_pixel, state_of, write_fake_repo
+
+from service.config import Settings
+from service.main import create_app
+from service.repository import MODEL_JSON
+
+pytestmark = pytest.mark.anyio
+
+
+def set_version(repo: Path, version: str) -> None:
+    """Edit the flat model's card in place, as an operator replacing the model would."""
+    path = repo / "tiny" / MODEL_JSON
+    card = json.loads(path.read_text())
+    card["version"] = version
+    path.write_text(json.dumps(card))
+
+
+def computed_by(response: httpx.Response) -> str:
+    """The version the response names, after checking every pixel was computed by that version."""
+    version = response.headers["x-model-version"]
+    pixels = np.asarray(Image.open(io.BytesIO(response.content)))
+    assert (pixels == stamped_pixel(version)).all(), f"the pixels are not version {version}'s"
+    return version
+
+
+async def translate(c: httpx.AsyncClient, seed: int) -> httpx.Response:
+    return await c.post("/translate/a2b", **raw(png((16, 12), seed)))
+
+
+async def slow_upload(c: httpx.AsyncClient, seed: int, go: asyncio.Event) -> httpx.Response:
+    """A request routed at once whose body arrives only after ``go``: it is not queued yet at a switch."""
+    data = png((16, 12), seed)
+
+    async def body() -> AsyncIterator[bytes]:
+        yield data[:10]
+        await go.wait()
+        yield data[10:]
+
+    return await c.post("/translate/a2b", content=body(), headers={"content-type": "image/png"})
+
+
+async def test_reload_under_load_loses_no_request_and_each_response_names_its_version(repo: Path) -> None:
+    """20 requests queued on version 7, 5 routed to it and still uploading, and a reload to 8 warming up:
+    readiness stays 200 and requests still go to 7; after the switch 20 more go to 8 while 7 drains, the
+    uploads finish on 7; all 45 succeed, each computed by the version it names."""
+    stamps = Stamps(held={"7"}, warmup_held={"8"})
+    uploaded = asyncio.Event()
+    async with running_app(Settings(models_dir=repo), stamps.factory) as (app, c):
+        state = state_of(app)
+        old = state.generation
+        assert old is not None
+        first = [asyncio.ensure_future(translate(c, seed)) for seed in range(20)]
+        await eventually(lambda: old.routes["a2b"]["7"].batcher.depth() == 19, what="a queue on version 7")
+        uploads = [asyncio.ensure_future(slow_upload(c, seed, uploaded)) for seed in range(40, 45)]
+        await eventually(lambda: old.leases == 25, what="the uploads routed to version 7")
+        set_version(repo, "8")
+        reload = asyncio.ensure_future(c.post("/admin/reload"))
+        await eventually(lambda: stamps.warming.count("8") == 2, what="version 8 warming up")
+        assert (await c.get("/readyz")).status_code == 200
+        assert state.generation is old
+        stamps.release("8")
+        await eventually(lambda: state.generation is not old, what="the switch")
+        assert (await c.get("/readyz")).status_code == 200 and not reload.done()  # 7 still drains
+        second = await asyncio.gather(*(translate(c, seed) for seed in range(20, 40)))
+        uploaded.set()
+        stamps.release("7")
+        first_done = await asyncio.gather(*first, *uploads)
+        reloaded = await reload
+        metrics = (await c.get("/metrics")).text
+    assert [r.status_code for r in first_done + second] == [200] * 45
+    assert [computed_by(r) for r in first_done] == ["7"] * 25
+    assert [computed_by(r) for r in second] == ["8"] * 20
+    assert reloaded.status_code == 200, reloaded.text
+    assert reloaded.json()["result"] == "loaded" and reloaded.json()["models"] == {"tiny": ["8"]}
+    assert old.pool.instances and all(not i.thread.is_alive() for i in old.pool.instances if i.thread)
+    assert sample(metrics, "dclgan_reloads_total", result="loaded") == 1
+    info = {"model": "tiny", "direction": "a2b", "device": "cpu", "provider": "FakeExecutionProvider"}
+    info |= {"engine": "fake", "precision": "float32", "psnr_db": ""}
+    assert sample(metrics, "dclgan_model_info", version="8", **info) == 1
+    assert sample(metrics, "dclgan_model_info", version="7", **info) == 0
+
+
+def tamper(repo: Path) -> None:
+    onnx = repo / "tiny" / "a2b.onnx"
+    onnx.write_bytes(onnx.read_bytes() + b"!")
+
+
+def break_card(repo: Path) -> None:
+    (repo / "tiny" / MODEL_JSON).write_text("{")
+
+
+def second_owner(repo: Path) -> None:
+    set_version(repo, "8")
+    write_fake_repo(repo, name="other", directions=("a2b",))
+
+
+FAILURES = {
+    "tampered file": (tamper, "SHA-256 mismatch"),
+    "invalid model.json": (break_card, "is not a valid model card"),
+    "failed warm-up": (lambda repo: set_version(repo, "8"), "did not warm up"),
+    "direction in two models": (second_owner, "direction 'a2b' is in both 'other' and 'tiny'"),
+}
+
+
+@pytest.mark.parametrize("case", list(FAILURES))
+async def test_a_failed_reload_keeps_the_old_version_and_says_why(repo: Path, case: str) -> None:
+    change, reason = FAILURES[case]
+    stamps = Stamps(broken={"8"})
+    async with running_app(Settings(models_dir=repo), stamps.factory) as (app, c):
+        old = state_of(app).generation
+        change(repo)
+        reloaded = await c.post("/admin/reload")
+        after = await translate(c, 0)
+        health = [(await c.get(path)).status_code for path in ("/healthz", "/readyz")]
+        metrics = (await c.get("/metrics")).text
+        assert state_of(app).generation is old
+    assert reloaded.status_code == 409 and reloaded.json()["error"] == "reload_failed"
+    assert reason in reloaded.json()["detail"]
+    assert (after.status_code, computed_by(after)) == (200, "7")
+    assert health == [200, 200]
+    assert sample(metrics, "dclgan_reloads_total", result="failed") == 1
+    assert sample(metrics, "dclgan_reloads_total", result="loaded") == 0
+
+
+async def test_a_reload_of_an_unchanged_repository_changes_nothing(repo: Path) -> None:
+    async with running_app(Settings(models_dir=repo), Stamps().factory) as (app, c):
+        old = state_of(app).generation
+        reloaded = await c.post("/admin/reload")
+        assert state_of(app).generation is old
+    assert reloaded.status_code == 200
+    assert (reloaded.json()["result"], reloaded.json()["models"]) == ("unchanged", {"tiny": ["7"]})
+
+
+async def test_a_second_reload_while_one_runs_is_refused(repo: Path) -> None:
+    stamps = Stamps(warmup_held={"8"})
+    async with running_app(Settings(models_dir=repo), stamps.factory) as (_, c):
+        set_version(repo, "8")
+        first = asyncio.ensure_future(c.post("/admin/reload"))
+        await eventually(lambda: "8" in stamps.warming, what="the first reload warming up")
+        second = await c.post("/admin/reload")
+        stamps.release("8")
+        assert (await first).status_code == 200
+    assert (second.status_code, second.json()["error"]) == (409, "reload_in_progress")
+
+
+async def test_admin_reload_needs_a_key_when_keys_are_set(repo: Path) -> None:
+    async with running_app(Settings(models_dir=repo, api_keys="k1"), Stamps().factory) as (_, c):
+        missing = await c.post("/admin/reload")
+        wrong = await c.post("/admin/reload", headers={"Authorization": "Bearer nope"})
+        right = await c.post("/admin/reload", headers={"Authorization": "Bearer k1"})
+    assert [missing.status_code, wrong.status_code, right.status_code] == [401, 401, 200]
+    assert missing.json()["error"] == "unauthorized"
+
+
+@pytest.mark.parametrize(("client", "status"), [("127.0.0.1", 200), ("::1", 200), ("192.0.2.7", 403)])
+async def test_without_keys_only_this_machine_may_reload(repo: Path, client: str, status: int) -> None:
+    app = create_app(Settings(models_dir=repo), runner_factory=Stamps().factory)
+    transport = httpx.ASGITransport(app=app, client=(client, 40000))
+    async with app.router.lifespan_context(app), httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+        await eventually(lambda: state_of(app).pool is not None and state_of(app).pool.warm, what="warm")
+        reloaded = await c.post("/admin/reload")
+    assert reloaded.status_code == status, reloaded.text
+    if status == 403:
+        assert reloaded.json()["error"] == "forbidden"
+
+
+async def test_polling_reloads_a_changed_repository(repo: Path) -> None:
+    async with running_app(Settings(models_dir=repo, reload_poll_s=0.05), Stamps().factory) as (app, c):
+        set_version(repo, "8")
+        await eventually(lambda: state_of(app).directions["a2b"].model.version == "8", what="the poller's reload")
+        after = await translate(c, 0)
+        metrics = (await c.get("/metrics")).text
+    assert computed_by(after) == "8"
+    assert sample(metrics, "dclgan_reloads_total", result="loaded") == 1
