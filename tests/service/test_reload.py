@@ -185,9 +185,9 @@ async def test_without_keys_only_this_machine_may_reload(repo: Path, client: str
 
 async def test_polling_reloads_a_changed_repository(repo: Path) -> None:
     async with running_app(Settings(models_dir=repo, reload_poll_s=0.05), Stamps().factory) as (app, c):
-        set_version(repo, "8")
-        await eventually(lambda: state_of(app).directions["a2b"].model.version == "8", what="the poller's reload")
+        set_version(repo, "18")  # a longer card: seen even where modification times are coarse
+        await eventually(lambda: state_of(app).directions["a2b"].model.version == "18", what="the poller's reload")
         after = await translate(c, 0)
         metrics = (await c.get("/metrics")).text
-    assert computed_by(after) == "8"
+    assert computed_by(after) == "18"
     assert sample(metrics, "dclgan_reloads_total", result="loaded") == 1
