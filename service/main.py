@@ -38,6 +38,7 @@ from service.lifecycle import ModelLifecycle
 from service.metrics import build_metrics
 from service.runtime import ProviderUnavailable, default_threads
 from service.state import AppState
+from service.tracing import install_tracing, tracer_provider
 
 logger = logging.getLogger(__name__)
 
@@ -167,4 +168,7 @@ def create_app(settings: Settings | None = None, *, runner_factory: RunnerFactor
     app.include_router(admin.router)  # reload
     app.include_router(page.router)  # the try-it page at /
     _customise_openapi(app, state)
+    # OpenTelemetry traces when the OTEL_* variables name an OTLP endpoint (service/tracing.py); off, nothing runs.
+    if (provider := tracer_provider()) is not None:
+        install_tracing(app, provider)
     return app

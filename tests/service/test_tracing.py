@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import anyio
 import httpx
 import pytest
 import service_fakes
@@ -338,6 +339,31 @@ def test_the_provider_exports_to_the_configured_endpoint_over_otlp_http(
     assert [span.name for scope in resource_spans.scope_spans for span in scope.spans] == ["probe"]
 
 
+@pytest.mark.anyio
+async def test_create_app_traces_to_the_configured_endpoint(
+    monkeypatch: pytest.MonkeyPatch, no_otel_env: None, collector: tuple[str, list[tuple[str, str, bytes]]],
+    tmp_path: Path,
+) -> None:
+    """The endpoint in the environment is all it takes: create_app installs tracing, and a translation's server
+    span and stage spans reach the collector over OTLP/HTTP."""
+    url, received = collector
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", url)
+    monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "50")  # milliseconds between the batch processor's exports
+    async with running_app(Settings(models_dir=write_fake_repo(tmp_path / "models")), Fakes().factory) as (_, client):
+        assert (await client.post("/translate/a2b", **raw(png()))).status_code == 200
+        names: set[str] = set()
+        for _ in range(200):  # the exports arrive on the processor's thread; bounded wait, no timing asserted
+            for _, _, body in list(received):
+                request = trace_service.ExportTraceServiceRequest.FromString(body)
+                names |= {
+                    span.name for rs in request.resource_spans for scope in rs.scope_spans for span in scope.spans
+                }
+            if set(STAGES) <= names:
+                break
+            await anyio.sleep(0.05)
+    assert set(STAGES) <= names and any(name.startswith("POST /translate") for name in names), names
+
+
 def test_otel_service_name_overrides_ours(monkeypatch: pytest.MonkeyPatch, no_otel_env: None) -> None:
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:9")
     monkeypatch.setenv("OTEL_SERVICE_NAME", "zebra-maker")
@@ -356,18 +382,8 @@ before = {name for name in sys.modules if name.startswith("opentelemetry")}
 import service_fakes
 from service_fakes import Fakes, png, raw, running_app, write_fake_repo
 from service.config import Settings
-from service.tracing import install_tracing, tracer_provider
-
-real_create_app = service_fakes.create_app
-
-def as_create_app_does(settings, runner_factory=None):
-    app = real_create_app(settings, runner_factory=runner_factory)
-    if (provider := tracer_provider()) is not None:
-        install_tracing(app, provider)
-    return app
 
 async def main(models):
-    service_fakes.create_app = as_create_app_does
     async with running_app(Settings(models_dir=write_fake_repo(models)), Fakes().factory) as (app, client):
         for _ in range(3):
             assert (await client.post("/translate/a2b", **raw(png()))).status_code == 200
@@ -381,7 +397,7 @@ print(json.dumps({"imported": imported, "spans": "service.api.spans" in sys.modu
 
 @pytest.mark.slow
 def test_with_no_endpoint_nothing_of_opentelemetry_is_imported_or_run(tmp_path: Path) -> None:
-    """In a fresh interpreter, an app built as create_app does and serving translations with no OTEL endpoint:
+    """In a fresh interpreter, an app from create_app serving translations with no OTEL endpoint:
     not one OpenTelemetry module more than FastAPI imports itself, and none of our tracing middleware."""
     environ = {name: value for name, value in os.environ.items() if not name.startswith("OTEL_")}
     done = subprocess.run(
