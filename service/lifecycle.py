@@ -8,13 +8,20 @@ reload at a time:
    until every instance is warm (a thread; at most ``batch_timeout_s``);
 3. switch: one assignment on the event loop, where every request takes its lease, so each request is
    routed either wholly to the old generation or wholly to the new one;
-4. drain the old one: wait until no request holds a lease on it (at most ``drain_timeout_s``), then close
-   its queues and stop its threads.
+4. drain the old one: wait until no request holds a lease on it, then close its queues and stop its
+   threads. No timeout cuts this short: a reload is not a shutdown, and every lease is already bounded
+   (``body_timeout_s`` + ``request_timeout_s`` + ``batch_timeout_s``), so no request routed to the old
+   versions is ever refused for the reload's sake.
 
 A failure in step 1 or 2 (a broken ``model.json``, a tampered file, an engine that cannot open a file, a
-failed warm-up) stops the half-built generation, leaves the served one untouched, is logged and counted
-(``dclgan_reloads_total{result="failed"}``) and raised as ``ReloadFailed`` with the reason. Both
-generations are in memory between steps 2 and 4.
+failed warm-up, or anything unexpected) stops the half-built generation, leaves the served one untouched,
+is logged and counted (``dclgan_reloads_total{result="failed"}``) and raised as ``ReloadFailed`` with the
+reason. Both generations are in memory between steps 2 and 4.
+
+The steps run in a task of their own: a caller that goes away (a client disconnecting, the poller
+cancelled at shutdown) cannot abandon a half-built generation. A reload asked for while one runs is
+refused (``ReloadInProgress``) but not lost: one more reload runs when the current one ends, and reads
+the repository as it is then. Only :meth:`ModelLifecycle.stop` (shutdown) cuts work off.
 
 Readiness is untouched throughout: it reads the served generation, which stays warm until the switch.
 """
@@ -24,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,10 +43,14 @@ from service.errors import NotReady, ReloadFailed, ReloadInProgress, ServiceErro
 from service.generation import Generation, RunnerFactory, build_generation
 from service.repository import LoadedModel, ModelRepositoryError, scan_repository
 from service.state import AppState, Phase
+from service.workers import WorkerPool
 
 logger = logging.getLogger(__name__)
 
 Fingerprint = tuple[tuple[str, int, int], ...] | None
+
+# How often a retiring generation's leases are looked at: a reload's drain ends this long after its last request.
+_LEASE_POLL_S = 0.02
 
 
 @dataclass(frozen=True)
@@ -79,7 +91,14 @@ class ModelLifecycle:
     def __init__(self, state: AppState, runner_factory: RunnerFactory | None) -> None:
         self.state = state
         self.runner_factory = runner_factory
-        self._reloading = False
+        self._running: asyncio.Task[ReloadReport] | None = None  # the reload in progress
+        self._again = False  # a reload was asked for while one ran: run one more after it
+        self._poller: asyncio.Task[None] | None = None
+        # The prepare thread and the shutdown meet here: a generation built while the service shuts down
+        # is stopped by whichever of the two sees the other.
+        self._lock = threading.Lock()
+        self._candidate: Generation | None = None  # built by a reload, not switched to yet
+        self._closed = False
 
     def start(self) -> None:
         """Load the repository and start the first generation's pool (blocking); its threads warm up after."""
@@ -98,40 +117,77 @@ class ModelLifecycle:
         metrics.watch(metrics.ready, lambda: float(self.state.phase is Phase.READY))
         self._publish(generation)
 
-    def stop(self) -> None:
-        """Drain (blocking): refuse new work, let queued and running work finish (bounded), stop the threads."""
+    def poll_in_background(self, period_s: float) -> None:
+        """Start reloading whenever a file under the repository changes (event loop; ended by :meth:`stop`)."""
+        self._poller = asyncio.ensure_future(self._poll(period_s))
+
+    async def stop(self) -> None:
+        """Shutdown: refuse new work and reloads, end the poller, let queued and running work finish (up to
+        ``drain_timeout_s``; nothing after a cut-off), stop every thread, a reload's half-built ones too."""
         state = self.state
         state.begin_drain()
-        for generation in self._generations():
-            # After a cut-off (second signal) nobody waits for the results: do not wait for the workers either.
-            generation.pool.stop(timeout_s=0 if state.cut_off_reason else state.drain_timeout_left())
+        self._again = False
+        if self._poller is not None:
+            self._poller.cancel()
+            (outcome,) = await asyncio.gather(self._poller, return_exceptions=True)
+            if isinstance(outcome, Exception):
+                logger.error("the repository poller had stopped: %r", outcome)
+        with self._lock:
+            self._closed = True
+            candidate = self._candidate
+        pools = [g.pool for g in (*self._generations(), candidate) if g is not None]
+        await to_thread.run_sync(self._stop_pools, pools)
+        if self._running is not None:
+            # Its generation is stopped: the reload ends as soon as its thread sees that.
+            await asyncio.wait({self._running}, timeout=state.drain_timeout_left())
+
+    def _stop_pools(self, pools: list[WorkerPool]) -> None:
+        for pool in pools:
+            pool.stop(timeout_s=self._drain_left())
+
+    def _drain_left(self) -> float:
+        """What a shutdown still grants the workers: after a cut-off (second signal) nobody waits for the
+        results, so nothing."""
+        return 0 if self.state.cut_off_reason else self.state.drain_timeout_left()
 
     async def reload(self) -> ReloadReport:
         """Load the repository's current state beside the served one and switch to it (see the module doc).
 
         Raises:
             ReloadFailed: the new state cannot be served; the old one still is.
-            ReloadInProgress: another reload is running.
+            ReloadInProgress: another reload is running; one more runs after it.
             NotReady: the service is starting or shutting down.
         """
-        if self._reloading:
-            raise ReloadInProgress("another reload is running; retry when it is done")
+        if self._running is not None and not self._running.done():
+            self._again = True
+            raise ReloadInProgress("another reload is running; one more follows it and reads the repository then")
         if self.state.draining or self.state.generation is None:
             raise NotReady("the service is starting or shutting down; nothing is reloaded")
-        self._reloading = True
-        started = time.perf_counter()
-        try:
-            return await self._reload(started)
-        finally:
-            self._reloading = False
+        # Shielded: a caller that goes away does not cancel the reload, which finishes (or fails) cleanly.
+        return await asyncio.shield(self._begin())
+
+    def _begin(self) -> asyncio.Task[ReloadReport]:
+        task = asyncio.ensure_future(self._reload(time.perf_counter()))
+        self._running = task
+        task.add_done_callback(self._finished)
+        return task
+
+    def _finished(self, task: asyncio.Task[ReloadReport]) -> None:
+        """Run the reload asked for meanwhile, if any. Retrieves the outcome (``_reload`` logged it), so that a
+        reload whose caller went away leaves no "exception never retrieved" behind."""
+        if not task.cancelled():
+            task.exception()
+        if self._again and not self.state.draining:
+            self._again = False
+            logger.info("reload: running the reload requested during the previous one")
+            self._begin()
 
     async def _reload(self, started: float) -> ReloadReport:
         reloads = self.state.metrics.reloads
         try:
             candidate = await to_thread.run_sync(self._prepare)
-            if candidate is not None and self.state.draining:
-                await to_thread.run_sync(functools.partial(candidate.pool.stop, timeout_s=0))
-                raise ReloadFailed("the service began shutting down during the reload")
+            if candidate is not None:
+                self._adopt(candidate)
         except ReloadFailed as exc:
             reloads.labels("failed").inc()
             logger.error("reload failed, the versions served before keep serving: %s", exc)
@@ -149,32 +205,56 @@ class ModelLifecycle:
         await self._retire(old)
         return ReloadReport("loaded", served_versions(candidate), time.perf_counter() - started)
 
-    async def reload_logged(self, trigger: str) -> None:
-        """:meth:`reload` for a trigger with nobody to answer (a signal, the poller): outcomes go to the log."""
+    def _adopt(self, candidate: Generation) -> None:
+        """Take ``candidate`` back from the prepare thread, unless the service began shutting down meanwhile
+        (then :meth:`stop`, which saw it registered, stops it)."""
+        with self._lock:
+            self._candidate = None
+            closed = self._closed
+        if closed:
+            raise ReloadFailed("the service began shutting down during the reload")
+
+    async def reload_logged(self, trigger: str) -> bool:
+        """:meth:`reload` for a trigger with nobody to answer (a signal, the poller): outcomes go to the log.
+        Whether a reload ran (loaded, unchanged or failed)."""
         logger.info("reload requested by %s", trigger)
         try:
             report = await self.reload()
         except ReloadFailed:
-            return  # logged by reload()
+            return True  # logged by _reload()
         except ServiceError as exc:
             logger.warning("reload requested by %s not done: %s", trigger, exc)
-            return
+            return False
+        except Exception:  # the signal handler's task and the poller must outlive any bug in a reload
+            logger.exception("reload requested by %s broke", trigger)
+            return False
         if report.result == "unchanged":
             logger.info("reload: the repository is unchanged; nothing to do")
+        return True
 
-    async def poll(self, period_s: float) -> None:
-        """Reload whenever a file under the repository changes (path, size or modification time)."""
+    async def _poll(self, period_s: float) -> None:
+        """Reload whenever a file under the repository changes (path, size or modification time). A change is
+        taken as seen only once a reload ran after it: one refused (another reload running) is tried again."""
         root = self.state.settings.models_dir
         seen = await to_thread.run_sync(fingerprint, root)
         while True:
             await asyncio.sleep(period_s)
             now = await to_thread.run_sync(fingerprint, root)
-            if now != seen:
+            if now != seen and await self.reload_logged("the repository poller"):
                 seen = now
-                await self.reload_logged("the repository poller")
 
     def _prepare(self) -> Generation | None:
-        """Steps 1 and 2 (blocking): the warm new generation, or ``None`` when the repository is unchanged."""
+        """Steps 1 and 2 (blocking): the warm new generation, or ``None`` when the repository is unchanged.
+        Anything unexpected is a ``ReloadFailed`` too: the served versions are untouched either way."""
+        try:
+            return self._build_and_warm()
+        except ReloadFailed:
+            raise
+        except Exception as exc:
+            logger.debug("the reload failed unexpectedly", exc_info=True)
+            raise ReloadFailed(f"unexpected {type(exc).__name__}: {exc}") from exc
+
+    def _build_and_warm(self) -> Generation | None:
         settings = self.state.settings
         try:
             models = scan_repository(settings.models_dir)
@@ -186,9 +266,20 @@ class ModelLifecycle:
         if served is not None and served.same_models(models):
             return None
         generation = self._open(models)
+        with self._lock:
+            closed = self._closed
+            if not closed:
+                self._candidate = generation  # from now on a shutdown stops it
+        if closed:  # the shutdown did not see it: stopped here, as the shutdown would (the shutdown waits for this)
+            generation.pool.stop(timeout_s=self._drain_left())
+            raise ReloadFailed("the service began shutting down during the reload")
         failure = generation.pool.wait_warm(settings.batch_timeout_s)
         if failure is not None:
-            generation.pool.stop(timeout_s=settings.drain_timeout_s)
+            with self._lock:
+                self._candidate = None
+                closed = self._closed
+            if not closed:  # else the shutdown stops it
+                generation.pool.stop(timeout_s=settings.drain_timeout_s)
             raise ReloadFailed(f"the new models did not warm up: {failure}")
         return generation
 
@@ -204,23 +295,23 @@ class ModelLifecycle:
         return generation
 
     async def _retire(self, old: Generation) -> None:
-        """Step 4: wait for the requests routed to ``old``, then close its queues and stop its threads."""
-        settings = self.state.settings
-        deadline = time.monotonic() + settings.drain_timeout_s
-        while old.leases and time.monotonic() < deadline:
-            await asyncio.sleep(0.02)
-        if old.leases:
-            logger.warning("%d requests still on the previous versions after the drain timeout", old.leases)
-        await to_thread.run_sync(functools.partial(old.pool.stop, timeout_s=max(0.0, deadline - time.monotonic())))
+        """Step 4: wait for the requests routed to ``old``, however long their own limits let them run, then
+        close its queues and stop its threads. A shutdown meanwhile takes over (it stops ``old``)."""
+        while old.leases and not self._closed:
+            await asyncio.sleep(_LEASE_POLL_S)
+        if self._closed:
+            return
+        # Nobody waits on ``old`` any more: its threads end as soon as their batches do (a stuck one is left
+        # to its daemon thread after batch_timeout_s).
+        await to_thread.run_sync(functools.partial(old.pool.stop, timeout_s=self.state.settings.batch_timeout_s))
         self.state.retiring.remove(old)
+        self._watch_queues()
 
     def _publish(self, generation: Generation) -> None:
         """Point the per-direction gauges at ``generation`` and say what runs where (``dclgan_model_info``)."""
         metrics = self.state.metrics
-        metrics.queue_depth.clear()
-        for name, versions in generation.routes.items():
-            queues = [served.batcher for served in versions.values()]
-            metrics.watch(metrics.queue_depth, lambda qs=queues: sum(q.depth() for q in qs), name)
+        self._watch_queues()
+        for name in generation.routes:
             newest = generation.newest(name)
             logger.info(
                 "serving %s (model %s, versions %s; default %s) at /translate/%s",
@@ -239,12 +330,21 @@ class ModelLifecycle:
                 {"provider": runner.provider, "engine": runner.engine, "precision": runner.precision, "psnr_db": psnr}
             )
 
+    def _watch_queues(self) -> None:
+        """``dclgan_queue_depth`` per direction, summed over the served generation and those still draining."""
+        gauge = self.state.metrics.queue_depth
+        gauge.clear()
+        for name in sorted({name for g in self._generations() for name in g.routes}):
+            self.state.metrics.watch(gauge, functools.partial(self._depth, name), name)
+
     def _generations(self) -> list[Generation]:
         return [g for g in (self.state.generation, *self.state.retiring) if g is not None]
+
+    def _depth(self, direction: str) -> int:
+        return sum(s.batcher.depth() for g in self._generations() for s in g.routes.get(direction, {}).values())
 
     def _busy(self, device: str) -> int:
         return sum(g.pool.busy_count(device) for g in self._generations())
 
     def _instances(self, device: str) -> int:
         return sum(g.pool.instance_count(device) for g in self._generations())
-

@@ -12,8 +12,6 @@ torch or ``training`` (a test checks ``sys.modules``).
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -127,15 +125,12 @@ def create_app(settings: Settings | None = None, *, runner_factory: RunnerFactor
         except Exception as exc:
             logger.error("startup failed: %s", exc)
             raise
-        poller = asyncio.ensure_future(lifecycle.poll(settings.reload_poll_s)) if settings.reload_poll_s else None
+        if settings.reload_poll_s:
+            lifecycle.poll_in_background(settings.reload_poll_s)
         try:
             yield
         finally:
-            if poller is not None:
-                poller.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await poller
-            await to_thread.run_sync(lifecycle.stop)
+            await lifecycle.stop()
 
     # FastAPIOffline serves Swagger UI, ReDoc and their favicon from the package: /docs works offline.
     app = FastAPIOffline(

@@ -166,6 +166,8 @@ class ModelCard(_Frozen):
             text = path.read_text(encoding="utf-8")
         except OSError as exc:
             raise ModelRepositoryError(f"cannot read {path}: {exc.strerror or exc}") from exc
+        except UnicodeDecodeError as exc:  # a ValueError, not an OSError: a card that is not text at all
+            raise ModelRepositoryError(f"{path} is not UTF-8 text: {exc}") from exc
         try:
             return cls.model_validate_json(text)
         except ValidationError as exc:

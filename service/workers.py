@@ -165,7 +165,8 @@ class WorkerPool:
         self._warm_count = 0
         self._started_at = 0.0
         self._stopping = threading.Event()
-        self._settled = threading.Event()  # every instance warm, or the pool failed
+        self._settled = threading.Event()  # every instance warm, the pool failed, or stopped
+        self._watchdog_thread: threading.Thread | None = None
 
     def start(self) -> None:
         """Open every runner (fails fast, e.g. on a missing GPU), then start one thread per instance
@@ -188,7 +189,8 @@ class WorkerPool:
                 target=self._serve, args=(inst,), name=f"dclgan-{inst.name}", daemon=True
             )
             inst.thread.start()
-        threading.Thread(target=self._watchdog, name="dclgan-watchdog", daemon=True).start()
+        self._watchdog_thread = threading.Thread(target=self._watchdog, name="dclgan-watchdog", daemon=True)
+        self._watchdog_thread.start()
 
     @property
     def warm(self) -> bool:
@@ -196,9 +198,11 @@ class WorkerPool:
         return bool(self.instances) and all(inst.warm.is_set() for inst in self.instances)
 
     def wait_warm(self, timeout_s: float) -> str | None:
-        """Block until every instance is warm; the reason it will not be (failed or too slow), else ``None``."""
+        """Block until every instance is warm; why it will not be (failed, too slow, stopped), else ``None``."""
         if not self._settled.wait(timeout_s):
             return f"the model instances did not warm up within {timeout_s:g} s"
+        if self.failure is None and not self.warm:
+            return "the pool was stopped before every instance was warm"
         return self.failure
 
     @property
@@ -228,11 +232,14 @@ class WorkerPool:
         """
         for plan in self.plans:
             plan.batcher.close()
+        self._settled.set()  # a wait_warm() in progress has its answer: stopped
         deadline = time.monotonic() + timeout_s
         for inst in self.instances:
             if inst.thread is not None:
                 inst.thread.join(max(0.0, deadline - time.monotonic()))
         self._stopping.set()
+        if self._watchdog_thread is not None:
+            self._watchdog_thread.join()  # it wakes on _stopping at once: after stop() no thread of the pool polls
         stragglers = [
             inst.name for inst in self.instances if inst.thread is not None and inst.thread.is_alive()
         ]

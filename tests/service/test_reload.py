@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from service_fakes import Stamps, eventually, png, raw, running_app, sample, sta
 
 from service.config import Settings
 from service.main import create_app
-from service.repository import MODEL_JSON
+from service.repository import MODEL_JSON, LoadedModel
 
 pytestmark = pytest.mark.anyio
 
@@ -97,6 +98,135 @@ async def test_reload_under_load_loses_no_request_and_each_response_names_its_ve
     info |= {"engine": "fake", "precision": "float32", "psnr_db": ""}
     assert sample(metrics, "dclgan_model_info", version="8", **info) == 1
     assert sample(metrics, "dclgan_model_info", version="7", **info) == 0
+
+
+def pool_threads() -> set[threading.Thread]:
+    """The worker and watchdog threads of every pool alive in this process."""
+    return {t for t in threading.enumerate() if t.name.startswith("dclgan-") and t.is_alive()}
+
+
+async def test_a_reload_never_cuts_the_old_versions_requests_off_whatever_the_drain_timeout(repo: Path) -> None:
+    """drain_timeout_s bounds a shutdown, not a reload: with it at 0, 5 requests queued or running on
+    version 7 and 2 still uploading at the switch all finish on 7 once it computes again."""
+    stamps = Stamps(held={"7"})
+    uploaded = asyncio.Event()
+    async with running_app(Settings(models_dir=repo, drain_timeout_s=0), stamps.factory) as (app, c):
+        state = state_of(app)
+        old = state.generation
+        assert old is not None
+        first = [asyncio.ensure_future(translate(c, seed)) for seed in range(5)]
+        await eventually(lambda: old.routes["a2b"]["7"].batcher.depth() == 4, what="a queue on version 7")
+        uploads = [asyncio.ensure_future(slow_upload(c, seed, uploaded)) for seed in range(5, 7)]
+        await eventually(lambda: old.leases == 7, what="the uploads routed to version 7")
+        set_version(repo, "8")
+        reload = asyncio.ensure_future(c.post("/admin/reload"))
+        await eventually(lambda: state.generation is not old, what="the switch")
+        after = await translate(c, 9)
+        uploaded.set()
+        await eventually(lambda: old.routes["a2b"]["7"].batcher.depth() == 6, what="the uploads queued on 7")
+        stamps.release("7")
+        responses = await asyncio.gather(*first, *uploads)
+        reloaded = await reload
+    assert [(r.status_code, computed_by(r)) for r in responses] == [(200, "7")] * 7
+    assert (after.status_code, computed_by(after)) == (200, "8")
+    assert reloaded.status_code == 200, reloaded.text
+    assert not any(i.thread.is_alive() for i in old.pool.instances if i.thread)
+
+
+async def test_a_card_that_is_not_utf8_is_a_failed_reload(repo: Path) -> None:
+    async with running_app(Settings(models_dir=repo), Stamps().factory) as (app, c):
+        old = state_of(app).generation
+        (repo / "tiny" / MODEL_JSON).write_bytes(b'{"name": "\xff"}')
+        reloaded = await c.post("/admin/reload")
+        after = await translate(c, 0)
+        metrics = (await c.get("/metrics")).text
+        assert state_of(app).generation is old
+    assert (reloaded.status_code, reloaded.json()["error"]) == (409, "reload_failed"), reloaded.text
+    assert "not UTF-8" in reloaded.json()["detail"]
+    assert (after.status_code, computed_by(after)) == (200, "7")
+    assert sample(metrics, "dclgan_reloads_total", result="failed") == 1
+
+
+async def test_an_unexpected_error_in_a_reload_is_a_failed_reload(repo: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken_scan(root: Path) -> list[LoadedModel]:
+        raise RuntimeError("a bug")
+
+    async with running_app(Settings(models_dir=repo), Stamps().factory) as (_, c):
+        monkeypatch.setattr("service.lifecycle.scan_repository", broken_scan)
+        reloaded = await c.post("/admin/reload")
+        metrics = (await c.get("/metrics")).text
+    assert (reloaded.status_code, reloaded.json()["error"]) == (409, "reload_failed"), reloaded.text
+    assert reloaded.json()["detail"] == "unexpected RuntimeError: a bug"
+    assert sample(metrics, "dclgan_reloads_total", result="failed") == 1
+
+
+async def test_the_poller_outlives_a_failed_reload_and_the_shutdown_stops_every_thread(repo: Path) -> None:
+    before = pool_threads()
+    card = repo / "tiny" / MODEL_JSON
+    good = json.loads(card.read_text())
+    async with running_app(Settings(models_dir=repo, reload_poll_s=0.02), Stamps().factory) as (app, c):
+        card.write_bytes(b'{"name": "\xff"}')
+        registry = state_of(app).metrics.registry
+        failed = {"result": "failed"}
+        await eventually(lambda: (registry.get_sample_value("dclgan_reloads_total", failed) or 0) >= 1, what="failed")
+        card.write_text(json.dumps(good | {"version": "9"}))
+        await eventually(lambda: state_of(app).directions["a2b"].model.version == "9", what="the poller's reload")
+        after = await translate(c, 0)
+    assert (after.status_code, computed_by(after)) == (200, "9")
+    assert pool_threads() <= before
+
+
+async def test_a_shutdown_during_a_reloads_warm_up_stops_the_half_built_versions(repo: Path) -> None:
+    """The poller is cancelled while version 8 warms up: its pool is stopped all the same, no thread is left."""
+    before = pool_threads()
+    stamps = Stamps(warmup_held={"8"})
+    app_cm = running_app(Settings(models_dir=repo, reload_poll_s=0.02), stamps.factory)
+    app, _ = await app_cm.__aenter__()
+    set_version(repo, "8")
+    await eventually(lambda: stamps.warming.count("8") == 2, what="version 8 warming up")
+    shutdown = asyncio.ensure_future(app_cm.__aexit__(None, None, None))
+    await eventually(lambda: state_of(app).draining, what="the shutdown")
+    stamps.release("8")
+    await shutdown
+    assert pool_threads() <= before
+    assert state_of(app).directions["a2b"].model.version == "7"
+
+
+async def test_queue_depth_counts_the_old_versions_queue_while_it_drains(repo: Path) -> None:
+    stamps = Stamps(held={"7"})
+    async with running_app(Settings(models_dir=repo), stamps.factory) as (app, c):
+        state = state_of(app)
+        old = state.generation
+        assert old is not None
+        first = [asyncio.ensure_future(translate(c, seed)) for seed in range(5)]
+        await eventually(lambda: old.routes["a2b"]["7"].batcher.depth() == 4, what="a queue on version 7")
+        set_version(repo, "8")
+        reload = asyncio.ensure_future(c.post("/admin/reload"))
+        await eventually(lambda: state.generation is not old, what="the switch")
+        during = (await c.get("/metrics")).text
+        stamps.release("7")
+        await asyncio.gather(*first, reload)
+        after = (await c.get("/metrics")).text
+    assert sample(during, "dclgan_queue_depth", direction="a2b") == 4
+    assert sample(after, "dclgan_queue_depth", direction="a2b") == 0
+
+
+async def test_a_reload_asked_for_during_another_runs_after_it(repo: Path) -> None:
+    """Version 8 warms up when the repository changes to 9 and a second reload is asked for: it is refused
+    (409 ``reload_in_progress``) but runs once the first ends, so 9 is served in the end."""
+    stamps = Stamps(warmup_held={"8"})
+    async with running_app(Settings(models_dir=repo), stamps.factory) as (app, c):
+        set_version(repo, "8")
+        first = asyncio.ensure_future(c.post("/admin/reload"))
+        await eventually(lambda: stamps.warming.count("8") == 2, what="version 8 warming up")
+        set_version(repo, "9")
+        second = await c.post("/admin/reload")
+        stamps.release("8")
+        assert (await first).json()["models"] == {"tiny": ["8"]}
+        await eventually(lambda: state_of(app).directions["a2b"].model.version == "9", what="the follow-up")
+        metrics = (await c.get("/metrics")).text
+    assert (second.status_code, second.json()["error"]) == (409, "reload_in_progress")
+    assert sample(metrics, "dclgan_reloads_total", result="loaded") == 2
 
 
 def tamper(repo: Path) -> None:
