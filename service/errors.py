@@ -5,7 +5,7 @@ Exception tree (``status`` is the HTTP code, ``error`` the stable machine-readab
     ServiceError                     500 internal_error
      +-- MalformedRequest            400 bad_request            unparsable multipart, too many files
      +-- Unauthorized                401 unauthorized           missing or wrong bearer key
-     +-- Forbidden                   403 forbidden              an admin route from the network with no keys set
+     +-- Forbidden                   403 forbidden              an admin route with no keys set, served beyond loopback
      +-- UnknownDirection            404 unknown_direction      names the available directions
      +-- UnknownVersion              404 unknown_version        names the direction's available versions
      +-- ReloadFailed                409 reload_failed          the new models could not be loaded; the old serve

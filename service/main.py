@@ -26,6 +26,7 @@ from prometheus_client import CollectorRegistry
 
 from service.admission import MemoryBudget
 from service.api import admin, page, v2
+from service.api.deps import is_loopback
 from service.api.handlers import install_error_handlers
 from service.api.middleware import BodyLimitMiddleware, RequestContextMiddleware, SecurityHeadersMiddleware
 from service.api.routes import router, translate_router
@@ -62,17 +63,19 @@ def _customise_openapi(app: FastAPI, state: AppState) -> None:
 
     * the ``direction`` parameter lists the served directions (a drop-down in /docs);
     * optional parameters are typed as what they accept (an integer), not as "integer or null";
-    * bearer authentication is declared only when keys are configured;
+    * bearer authentication is declared only when keys are configured, and the admin routes' 403 (no keys, a
+      server listening beyond this machine) only when it can happen;
     * every operation documents the statuses the layers under the routes can send (JSON bodies).
     """
     generate = app.openapi
     secured = bool(state.settings.api_keys)
+    refused = not secured and not is_loopback(state.settings.host)
 
     def openapi() -> dict[str, Any]:
         schema = generate()  # cached by FastAPI; the edits below are idempotent
         for path, item in schema.get("paths", {}).items():
             for operation in item.values():
-                _document_operation(operation, path, state, secured)
+                _document_operation(operation, path, state, secured, refused)
         if not secured:
             schema.get("components", {}).pop("securitySchemes", None)
         return schema
@@ -80,7 +83,9 @@ def _customise_openapi(app: FastAPI, state: AppState) -> None:
     app.openapi = openapi  # type: ignore[method-assign]
 
 
-def _document_operation(operation: dict[str, Any], path: str, state: AppState, secured: bool) -> None:
+def _document_operation(
+    operation: dict[str, Any], path: str, state: AppState, secured: bool, refused: bool
+) -> None:
     for param in operation.get("parameters", []):
         schema = param["schema"]
         if "anyOf" in schema:  # `int | None = None`: the client sends an integer or nothing, never null
@@ -92,6 +97,8 @@ def _document_operation(operation: dict[str, Any], path: str, state: AppState, s
     if not secured:
         operation.pop("security", None)
         responses.pop("401", None)
+    if not refused:
+        responses.pop("403", None)
     body = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}}
     for code, description in _ANY_ROUTE.items():
         responses.setdefault(str(code), {"description": description, "content": body})

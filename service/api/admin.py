@@ -26,10 +26,10 @@ def _error(description: str) -> dict[str, Any]:
     summary="Reload the model repository: load and warm new versions beside the served ones, switch, drain the old",
     responses={
         401: _error("Keys are configured and the bearer key is missing or wrong"),
-        403: _error("No keys are configured and the client is not on this machine"),
+        403: _error("No keys are configured and the server listens beyond this machine (`DCLGAN_HOST`)"),
         409: _error(
             "`reload_failed`: the new state cannot be served (the detail says why) and the previous versions keep "
-            "serving; `reload_in_progress`: another reload is running"
+            "serving; `reload_in_progress`: another reload is running, and one more runs after it"
         ),
         503: _error("The service is starting or shutting down"),
     },

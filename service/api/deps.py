@@ -56,22 +56,37 @@ def require_metrics_key(state: State, credentials: Credentials) -> None:
         _check_key(state, credentials)
 
 
-def require_admin(request: Request, state: State, credentials: Credentials) -> None:
-    """A key when keys are configured; without keys, only a client on this machine (403 otherwise).
+def require_admin(state: State, credentials: Credentials) -> None:
+    """A key when keys are configured; without keys, only when the server listens on a loopback address
+    (403 otherwise).
 
     Translating without keys harms nobody but the sender; a reload loads every model a second time, so an
-    open one would let anyone on the network make the server spend memory and CPU at will.
+    open one would let anyone on the network make the server spend memory and CPU at will. The client's
+    address proves nothing: behind a proxy on the same host (a sidecar, nginx, an ssh tunnel) every client
+    is loopback, and with uvicorn's proxy headers an ``X-Forwarded-For`` can claim to be. Where the server
+    listens is set by its operator alone.
     """
     if state.settings.api_keys:
         _check_key(state, credentials)
         return
-    host = request.client.host if request.client is not None else ""
+    if not is_loopback(state.settings.host):
+        raise Forbidden(
+            f"the server listens on {state.settings.host}, beyond this machine: reloading needs an API key "
+            "(DCLGAN_API_KEYS), or send the process SIGHUP"
+        )
+
+
+def is_loopback(host: str) -> bool:
+    """Whether a bind address reaches this machine only (``localhost``, ``127.0.0.0/8``, ``::1``, or IPv4
+    loopback written IPv6-mapped, which ``is_loopback`` alone misses on Python 3.11)."""
+    if host == "localhost":
+        return True
     try:
-        local = ipaddress.ip_address(host).is_loopback
+        address = ipaddress.ip_address(host)
     except ValueError:
-        local = False
-    if not local:
-        raise Forbidden("admin routes need an API key (DCLGAN_API_KEYS) unless called from this machine")
+        return False
+    mapped = address.ipv4_mapped if isinstance(address, ipaddress.IPv6Address) else None
+    return (mapped or address).is_loopback
 
 
 async def get_direction(

@@ -301,16 +301,32 @@ async def test_admin_reload_needs_a_key_when_keys_are_set(repo: Path) -> None:
     assert missing.json()["error"] == "unauthorized"
 
 
-@pytest.mark.parametrize(("client", "status"), [("127.0.0.1", 200), ("::1", 200), ("192.0.2.7", 403)])
-async def test_without_keys_only_this_machine_may_reload(repo: Path, client: str, status: int) -> None:
-    app = create_app(Settings(models_dir=repo), runner_factory=Stamps().factory)
-    transport = httpx.ASGITransport(app=app, client=(client, 40000))
+@pytest.mark.parametrize(
+    ("host", "status"),
+    [("127.0.0.1", 200), ("127.0.0.2", 200), ("::1", 200), ("::ffff:127.0.0.1", 200), ("localhost", 200),
+     ("0.0.0.0", 403), ("::", 403), ("192.0.2.7", 403)],
+)
+async def test_without_keys_reloading_needs_a_server_listening_on_loopback(repo: Path, host: str, status: int) -> None:
+    """What the server binds decides, not the client's address, which a proxy on the same host makes loopback
+    for everyone and ``X-Forwarded-For`` can forge; /openapi.json documents the 403 only where it can happen."""
+    app = create_app(Settings(models_dir=repo, host=host), runner_factory=Stamps().factory)
+    transport = httpx.ASGITransport(app=app, client=("127.0.0.1", 40000))
     async with app.router.lifespan_context(app), httpx.AsyncClient(transport=transport, base_url="http://t") as c:
         await eventually(lambda: state_of(app).pool is not None and state_of(app).pool.warm, what="warm")
-        reloaded = await c.post("/admin/reload")
+        reloaded = await c.post("/admin/reload", headers={"X-Forwarded-For": "127.0.0.1"})
+        documented = (await c.get("/openapi.json")).json()["paths"]["/admin/reload"]["post"]["responses"]
     assert reloaded.status_code == status, reloaded.text
+    assert ("403" in documented) == (status == 403)
     if status == 403:
         assert reloaded.json()["error"] == "forbidden"
+        assert "DCLGAN_API_KEYS" in reloaded.json()["detail"] and "SIGHUP" in reloaded.json()["detail"]
+
+
+async def test_with_keys_the_admin_route_documents_401_not_403(repo: Path) -> None:
+    settings = Settings(models_dir=repo, api_keys="k1", host="0.0.0.0")
+    async with running_app(settings, Stamps().factory) as (_, c):
+        documented = (await c.get("/openapi.json")).json()["paths"]["/admin/reload"]["post"]["responses"]
+    assert "401" in documented and "403" not in documented
 
 
 async def test_polling_reloads_a_changed_repository(repo: Path) -> None:
