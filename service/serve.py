@@ -27,6 +27,7 @@ import resource
 import signal
 import socket
 import sys
+import threading
 from types import FrameType
 
 import uvicorn
@@ -73,11 +74,24 @@ class DrainingServer(uvicorn.Server):
         self.instance_failed = False
         self.drain_incomplete = False
 
+    async def serve(self, sockets: list[socket.socket] | None = None) -> None:
+        """SIGHUP reloads from before the models load until the server has stopped, then its previous handler
+        is back. Before: a SIGHUP during a long first load would kill the process (the default action); a
+        reload asked for then answers not ready (logged). After: the loop is closed, nothing could run."""
+        if threading.current_thread() is not threading.main_thread():  # only the main thread handles signals
+            await super().serve(sockets)
+            return
+        loop = asyncio.get_running_loop()
+        previous = signal.signal(signal.SIGHUP, lambda sig, frame: self._hangup(loop))
+        try:
+            await super().serve(sockets)
+        finally:
+            signal.signal(signal.SIGHUP, previous)
+
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         self._loop = asyncio.get_running_loop()
         await super().startup(sockets)
         self._watch = asyncio.ensure_future(self._exit_on_instance_failure())
-        signal.signal(signal.SIGHUP, self._hangup)
         if self.started and self.servers and self.servers[0].sockets:
             host, port = self.servers[0].sockets[0].getsockname()[:2]
             base = f"http://{f'[{host}]' if ':' in host else host}:{port}"
@@ -101,10 +115,9 @@ class DrainingServer(uvicorn.Server):
                 return
             await asyncio.sleep(0.25)
 
-    def _hangup(self, sig: int, frame: FrameType | None) -> None:
-        assert self._loop is not None  # installed by startup()
+    def _hangup(self, loop: asyncio.AbstractEventLoop) -> None:
         # Signal handlers run between bytecodes of the loop's thread: hand the work to the loop itself.
-        self._loop.call_soon_threadsafe(self._start_reload)
+        loop.call_soon_threadsafe(self._start_reload)
 
     def _start_reload(self) -> None:
         task = asyncio.ensure_future(self.lifecycle.reload_logged("SIGHUP"))

@@ -1,4 +1,5 @@
-"""SIGHUP reloads the model repository of a real server (``python -m service`` under uvicorn).
+"""SIGHUP reloads the model repository of a real server (``python -m service`` under uvicorn), and its
+handler is in place from before the first load until the server has stopped.
 
 The runners compute only while a gate file exists (``gated_serve.py``), so the requests in flight at the
 switch are a fact, not a race with the machine's speed. Waits are bounded polls.
@@ -6,16 +7,22 @@ switch are a fact, not a race with the machine's speed. Waits are bounded polls.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import signal
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+import uvicorn
 from live_server import Server, png, raw, run_server
-from service_fakes import write_fake_repo
+from service_fakes import StampRunner, Stamps, write_fake_repo
 
-from service.repository import MODEL_JSON
+from service.config import Settings
+from service.main import create_app
+from service.repository import MODEL_JSON, LoadedModel
+from service.serve import DrainingServer
 
 pytestmark = pytest.mark.slow
 
@@ -54,3 +61,40 @@ def test_sighup_reloads_without_losing_a_request_and_a_failed_one_keeps_serving(
         again = server.post("/translate/a2b", **raw(png((16, 16))))
         assert (again.status_code, again.headers["x-model-version"]) == (200, "8")
         assert server.get("/healthz").status_code == 200
+
+
+def test_sighup_is_handled_from_before_the_first_load_and_the_previous_handler_comes_back(
+    repo: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A SIGHUP while the models load is the server's (a reload, refused as not ready or run once the load is
+    done), not the end of the process; once the server has stopped, SIGHUP goes to the handler installed
+    before it (here one that records)."""
+    received: list[int] = []
+    stamps = Stamps()
+
+    def hangup_during_load(model: LoadedModel, direction: str, device: str) -> StampRunner:
+        if not stamps.warming and not received:
+            signal.raise_signal(signal.SIGHUP)
+        return stamps.factory(model, direction, device)
+
+    app = create_app(Settings(models_dir=repo), runner_factory=hangup_during_load)
+    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_config=None, lifespan="on")
+    server = DrainingServer(config, app.state.service, app.state.lifecycle)
+
+    async def serve_until_started() -> None:
+        serving = asyncio.ensure_future(server.serve())
+        while not server.started:
+            await asyncio.sleep(0.01)
+        server.should_exit = True
+        await serving
+
+    previous = signal.signal(signal.SIGHUP, lambda sig, frame: received.append(sig))
+    try:
+        with caplog.at_level(logging.INFO, logger="service"):
+            asyncio.run(serve_until_started())
+        after = signal.getsignal(signal.SIGHUP)
+        signal.raise_signal(signal.SIGHUP)
+    finally:
+        signal.signal(signal.SIGHUP, previous)
+    assert "reload requested by SIGHUP" in caplog.text  # not by the recording handler, nor the default action
+    assert received == [signal.SIGHUP] and after is not None  # only the signal sent after the stop
