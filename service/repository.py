@@ -260,7 +260,7 @@ def load_model_dir(directory: str | os.PathLike[str], *, verify: bool = True) ->
 
 def _version_dirs(model_dir: Path) -> list[Path]:
     """The folders of ``model_dir``'s versions: itself (one version) or its subfolders with a card."""
-    versions = [d for d in model_dir.iterdir() if (d / MODEL_JSON).is_file()]
+    versions = [d for d in sorted(model_dir.iterdir()) if (d / MODEL_JSON).is_file()]
     if (model_dir / MODEL_JSON).is_file():
         if versions:
             # Two layouts at once: which one is the model is a guess the service must not make.
@@ -280,6 +280,28 @@ def scan_repository(root: str | os.PathLike[str], *, verify: bool = True) -> lis
     root = Path(root)
     if not root.is_dir():
         raise ModelRepositoryError(f"model repository {root} is not a folder")
-    folders = [d for m in sorted(root.iterdir()) if m.is_dir() for d in _version_dirs(m)]
-    models = [load_model_dir(d, verify=verify) for d in folders]
+    models = [model for m in sorted(root.iterdir()) if m.is_dir() for model in _load_versions(m, verify=verify)]
     return sorted(models, key=lambda m: (m.name, version_key(m.version)))
+
+
+def _load_versions(model_dir: Path, *, verify: bool) -> list[LoadedModel]:
+    """Every version of one model folder. A version folder's card must name the model folder and itself
+    (a card named after its version folder would be a second model, ``load_model_dir`` alone accepts it), and
+    no two versions may be equal in natural order (``01`` and ``1``): which is the newest would be a guess."""
+    folders = _version_dirs(model_dir)
+    models = [load_model_dir(d, verify=verify) for d in folders]
+    if folders == [model_dir]:
+        return models
+    newest: dict[tuple[tuple[int, int | str], ...], str] = {}
+    for folder, model in zip(folders, models, strict=True):
+        if (model.name, model.version) != (model_dir.name, folder.name):
+            raise ModelRepositoryError(
+                f"{folder / MODEL_JSON}: in a version folder the card's name and version must be "
+                f"{model_dir.name!r}/{folder.name!r}, not {model.name!r}/{model.version!r}"
+            )
+        same = newest.setdefault(version_key(model.version), model.version)
+        if same != model.version:
+            raise ModelRepositoryError(
+                f"{model_dir}: versions {same!r} and {model.version!r} are equal in natural order; rename one"
+            )
+    return models

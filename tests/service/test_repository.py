@@ -191,6 +191,26 @@ def test_a_version_folder_must_match_its_card(tiny_model_copy: Path) -> None:
     assert [m.version for m in scan_repository(tiny_model_copy.parent)] == ["2"]
 
 
+def test_a_version_folder_whose_card_names_the_folder_is_not_a_second_model(tiny_model_copy: Path) -> None:
+    folder = _version_folder(tiny_model_copy, "2")
+    renamed = folder.rename(tiny_model_copy / "v2")
+    card = _card_dict(renamed)
+    card["name"] = "v2"
+    (renamed / MODEL_JSON).write_text(json.dumps(card))
+    with pytest.raises(ModelRepositoryError, match=r"must be 'tiny'/'v2', not 'v2'/'2'"):
+        scan_repository(tiny_model_copy.parent)
+
+
+def test_versions_equal_in_natural_order_are_refused(tiny_model_copy: Path) -> None:
+    for version in ("01", "1"):
+        folder = _version_folder(tiny_model_copy, version)
+        for file in folder.iterdir():  # the next version starts from this one's files
+            (tiny_model_copy / file.name).write_bytes(file.read_bytes())
+    (tiny_model_copy / MODEL_JSON).unlink()
+    with pytest.raises(ModelRepositoryError, match=r"versions '01' and '1' are equal in natural order"):
+        scan_repository(tiny_model_copy.parent)
+
+
 def test_both_layouts_in_one_model_folder_are_refused(tiny_model_copy: Path) -> None:
     folder = _version_folder(tiny_model_copy, "2")
     (tiny_model_copy / MODEL_JSON).write_bytes((folder / MODEL_JSON).read_bytes())
