@@ -39,8 +39,10 @@ from typing import Literal
 
 from anyio import to_thread
 
+from service.batching import Batch
 from service.errors import NotReady, ReloadFailed, ReloadInProgress, ServiceError
 from service.generation import Generation, RunnerFactory, build_generation
+from service.metrics import ServiceMetrics
 from service.repository import LoadedModel, ModelRepositoryError, scan_repository
 from service.state import AppState, Phase
 from service.workers import WorkerPool
@@ -78,6 +80,23 @@ def fingerprint(root: Path) -> Fingerprint:
         )
     except OSError:
         return None
+
+
+@dataclass(frozen=True)
+class _ReloadObserver:
+    """The metrics, as a generation built by a reload sees them: its failed warm-up is the reload's failure,
+    counted in ``dclgan_reloads_total{result="failed"}`` alone; counted in
+    ``dclgan_instance_failures_total`` too, it would look like a failure of the served versions, whose
+    labels (direction, device) it shares. Its later failures, once served, count there as any."""
+
+    metrics: ServiceMetrics
+
+    def batch_done(self, direction: str, device: str, batch: Batch, compute_s: float) -> None:
+        self.metrics.batch_done(direction, device, batch, compute_s)
+
+    def instance_failure(self, direction: str, device: str, kind: str) -> None:
+        if kind != "warmup":  # a served generation was warm before the switch: only a candidate fails so
+            self.metrics.instance_failure(direction, device, kind)
 
 
 class ModelLifecycle:
@@ -284,8 +303,9 @@ class ModelLifecycle:
         return generation
 
     def _open(self, models: list[LoadedModel]) -> Generation:
+        observer = _ReloadObserver(self.state.metrics)
         try:
-            generation = build_generation(models, self.state.settings, self.runner_factory, self.state.metrics)
+            generation = build_generation(models, self.state.settings, self.runner_factory, observer)
             generation.pool.start()
         except ModelRepositoryError as exc:
             raise ReloadFailed(str(exc)) from exc
