@@ -83,7 +83,9 @@ class AppState:
             return Phase.FAILED
         if not self.pool.warm:
             return Phase.STARTING
-        return Phase.READY if self.pool.serving else Phase.DEGRADED
+        # The default versions decide: an older version kept for pinned requests (`?version=`) with no healthy
+        # instance refuses only those (503), as a sick direction does, and takes no replica out of rotation.
+        return Phase.READY if all(served.healthy for served in self.directions.values()) else Phase.DEGRADED
 
     @contextmanager
     def lease(self, direction: str, version: str | None) -> Iterator[ServedDirection]:

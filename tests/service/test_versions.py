@@ -12,7 +12,7 @@ import httpx
 import numpy as np
 import pytest
 from PIL import Image
-from service_fakes import Stamps, png, raw, running_app, stamped_pixel, write_fake_repo
+from service_fakes import Stamps, png, raw, running_app, stamped_pixel, state_of, write_fake_repo
 
 from service.config import Settings
 
@@ -76,3 +76,24 @@ async def test_v2_lists_versions_and_answers_for_each(client: httpx.AsyncClient)
     unknown = await client.get("/v2/models/tiny/versions/3")
     assert (unknown.status_code, unknown.json()["error"]) == (404, "not_found")
     assert unknown.json()["detail"] == "model 'tiny' has no version '3'; available: 10, 9"
+
+
+async def test_readiness_follows_the_default_versions_only(tmp_path: Path) -> None:
+    """Version 9's instances stuck (a batch past the limit): requests pinned to 9 get 503, /readyz stays 200."""
+    root = write_fake_repo(tmp_path / "models", version="9", versioned=True)
+    write_fake_repo(root, version="10", versioned=True)
+    async with running_app(Settings(models_dir=root), Stamps().factory) as (app, c):
+        pool = state_of(app).pool
+        assert pool is not None
+        for inst in pool.instances:
+            inst.stuck = inst.direction.version == "9"
+        ready = await c.get("/readyz")
+        pinned = await c.post("/translate/a2b?version=9", **raw(png((16, 12))))
+        default = await c.post("/translate/a2b", **raw(png((16, 12))))
+        for inst in pool.instances:
+            inst.stuck = inst.direction.version == "10"
+        not_ready = await c.get("/readyz")
+    assert ready.status_code == 200, ready.text
+    assert (pinned.status_code, pinned.json()["error"]) == (503, "not_ready")
+    assert (default.status_code, computed_by(default.content)) == (200, "10")
+    assert not_ready.status_code == 503
