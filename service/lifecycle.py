@@ -113,6 +113,7 @@ class ModelLifecycle:
         self._running: asyncio.Task[ReloadReport] | None = None  # the reload in progress
         self._again = False  # a reload was asked for while one ran: run one more after it
         self._poller: asyncio.Task[None] | None = None
+        self._loaded: Fingerprint = None  # the repository's files as the first load found them (for the poller)
         # The prepare thread and the shutdown meet here: a generation built while the service shuts down
         # is stopped by whichever of the two sees the other.
         self._lock = threading.Lock()
@@ -122,6 +123,8 @@ class ModelLifecycle:
     def start(self) -> None:
         """Load the repository and start the first generation's pool (blocking); its threads warm up after."""
         settings, metrics = self.state.settings, self.state.metrics
+        if settings.reload_poll_s:  # taken before the scan: a change while loading is seen by the first poll
+            self._loaded = fingerprint(settings.models_dir)
         models = scan_repository(settings.models_dir)
         if not models:
             raise ModelRepositoryError(f"no model in {settings.models_dir.resolve()} (expected <name>/model.json)")
@@ -255,7 +258,7 @@ class ModelLifecycle:
         """Reload whenever a file under the repository changes (path, size or modification time). A change is
         taken as seen only once a reload ran after it: one refused (another reload running) is tried again."""
         root = self.state.settings.models_dir
-        seen = await to_thread.run_sync(fingerprint, root)
+        seen = self._loaded
         while True:
             await asyncio.sleep(period_s)
             now = await to_thread.run_sync(fingerprint, root)

@@ -13,14 +13,27 @@ import json
 import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
 import pytest
 from PIL import Image
-from service_fakes import Stamps, eventually, png, raw, running_app, sample, stamped_pixel, state_of, write_fake_repo
+from service_fakes import (
+    StampRunner,
+    Stamps,
+    eventually,
+    png,
+    raw,
+    running_app,
+    sample,
+    stamped_pixel,
+    state_of,
+    write_fake_repo,
+)
 
 from service.config import Settings
+from service.generation import Generation
 from service.main import create_app
 from service.repository import MODEL_JSON, LoadedModel
 
@@ -59,6 +72,22 @@ async def slow_upload(c: httpx.AsyncClient, seed: int, go: asyncio.Event) -> htt
     return await c.post("/translate/a2b", content=body(), headers={"content-type": "image/png"})
 
 
+async def reload_under_load(
+    c: httpx.AsyncClient, app: Any, repo: Path, queued: int, uploading: int, uploaded: asyncio.Event
+) -> tuple[Generation, list[asyncio.Future[httpx.Response]], asyncio.Future[httpx.Response]]:
+    """``queued`` requests on version 7, held (one computing, the others queued), ``uploading`` more routed
+    to it whose bodies wait for ``uploaded``; then version 8 replaces 7 in the repository and a reload is
+    asked for. Returns version 7's generation, the responses to come (in that order) and the reload's."""
+    old = state_of(app).generation
+    assert old is not None
+    first = [asyncio.ensure_future(translate(c, seed)) for seed in range(queued)]
+    await eventually(lambda: old.routes["a2b"]["7"].batcher.depth() == queued - 1, what="a queue on version 7")
+    uploads = [asyncio.ensure_future(slow_upload(c, seed, uploaded)) for seed in range(100, 100 + uploading)]
+    await eventually(lambda: old.leases == queued + uploading, what="the uploads routed to version 7")
+    set_version(repo, "8")
+    return old, first + uploads, asyncio.ensure_future(c.post("/admin/reload"))
+
+
 async def test_reload_under_load_loses_no_request_and_each_response_names_its_version(repo: Path) -> None:
     """20 requests queued on version 7, 5 routed to it and still uploading, and a reload to 8 warming up:
     readiness stays 200 and requests still go to 7; after the switch 20 more go to 8 while 7 drains, the
@@ -67,14 +96,7 @@ async def test_reload_under_load_loses_no_request_and_each_response_names_its_ve
     uploaded = asyncio.Event()
     async with running_app(Settings(models_dir=repo), stamps.factory) as (app, c):
         state = state_of(app)
-        old = state.generation
-        assert old is not None
-        first = [asyncio.ensure_future(translate(c, seed)) for seed in range(20)]
-        await eventually(lambda: old.routes["a2b"]["7"].batcher.depth() == 19, what="a queue on version 7")
-        uploads = [asyncio.ensure_future(slow_upload(c, seed, uploaded)) for seed in range(40, 45)]
-        await eventually(lambda: old.leases == 25, what="the uploads routed to version 7")
-        set_version(repo, "8")
-        reload = asyncio.ensure_future(c.post("/admin/reload"))
+        old, first, reload = await reload_under_load(c, app, repo, 20, 5, uploaded)
         await eventually(lambda: stamps.warming.count("8") == 2, what="version 8 warming up")
         assert (await c.get("/readyz")).status_code == 200
         assert state.generation is old
@@ -84,7 +106,7 @@ async def test_reload_under_load_loses_no_request_and_each_response_names_its_ve
         second = await asyncio.gather(*(translate(c, seed) for seed in range(20, 40)))
         uploaded.set()
         stamps.release("7")
-        first_done = await asyncio.gather(*first, *uploads)
+        first_done = await asyncio.gather(*first)
         reloaded = await reload
         metrics = (await c.get("/metrics")).text
     assert [r.status_code for r in first_done + second] == [200] * 45
@@ -112,20 +134,13 @@ async def test_a_reload_never_cuts_the_old_versions_requests_off_whatever_the_dr
     uploaded = asyncio.Event()
     async with running_app(Settings(models_dir=repo, drain_timeout_s=0), stamps.factory) as (app, c):
         state = state_of(app)
-        old = state.generation
-        assert old is not None
-        first = [asyncio.ensure_future(translate(c, seed)) for seed in range(5)]
-        await eventually(lambda: old.routes["a2b"]["7"].batcher.depth() == 4, what="a queue on version 7")
-        uploads = [asyncio.ensure_future(slow_upload(c, seed, uploaded)) for seed in range(5, 7)]
-        await eventually(lambda: old.leases == 7, what="the uploads routed to version 7")
-        set_version(repo, "8")
-        reload = asyncio.ensure_future(c.post("/admin/reload"))
+        old, first, reload = await reload_under_load(c, app, repo, 5, 2, uploaded)
         await eventually(lambda: state.generation is not old, what="the switch")
         after = await translate(c, 9)
         uploaded.set()
         await eventually(lambda: old.routes["a2b"]["7"].batcher.depth() == 6, what="the uploads queued on 7")
         stamps.release("7")
-        responses = await asyncio.gather(*first, *uploads)
+        responses = await asyncio.gather(*first)
         reloaded = await reload
     assert [(r.status_code, computed_by(r)) for r in responses] == [(200, "7")] * 7
     assert (after.status_code, computed_by(after)) == (200, "8")
@@ -196,12 +211,7 @@ async def test_queue_depth_counts_the_old_versions_queue_while_it_drains(repo: P
     stamps = Stamps(held={"7"})
     async with running_app(Settings(models_dir=repo), stamps.factory) as (app, c):
         state = state_of(app)
-        old = state.generation
-        assert old is not None
-        first = [asyncio.ensure_future(translate(c, seed)) for seed in range(5)]
-        await eventually(lambda: old.routes["a2b"]["7"].batcher.depth() == 4, what="a queue on version 7")
-        set_version(repo, "8")
-        reload = asyncio.ensure_future(c.post("/admin/reload"))
+        old, first, reload = await reload_under_load(c, app, repo, 5, 0, asyncio.Event())
         await eventually(lambda: state.generation is not old, what="the switch")
         during = (await c.get("/metrics")).text
         stamps.release("7")
@@ -329,6 +339,18 @@ async def test_with_keys_the_admin_route_documents_401_not_403(repo: Path) -> No
     async with running_app(settings, Stamps().factory) as (_, c):
         documented = (await c.get("/openapi.json")).json()["paths"]["/admin/reload"]["post"]["responses"]
     assert "401" in documented and "403" not in documented
+
+
+async def test_the_poller_sees_a_change_made_while_the_first_load_ran(repo: Path) -> None:
+    stamps = Stamps()
+
+    def change_during_load(model: LoadedModel, direction: str, device: str) -> StampRunner:
+        if model.version == "7":  # the repository was scanned already: 7 is what loads
+            set_version(repo, "19")
+        return stamps.factory(model, direction, device)
+
+    async with running_app(Settings(models_dir=repo, reload_poll_s=0.02), change_during_load) as (app, _):
+        await eventually(lambda: state_of(app).directions["a2b"].model.version == "19", what="the poller's reload")
 
 
 async def test_polling_reloads_a_changed_repository(repo: Path) -> None:
