@@ -3,8 +3,9 @@ that translates PIL images with a model folder's sessions.
 
 onnxruntime-gpu silently runs on the CPU when CUDA cannot be loaded (it logs and carries on), so
 :func:`create_session` checks the providers the session really got and, when a GPU is required,
-refuses to continue. Nothing here knows about threads: the service's worker pool gives each worker
-its own runner. Must not import torch, fastapi or ``training``.
+refuses to continue. The service's worker pool gives each worker its own runner; what the CPU runners
+share is :data:`CPU_RUNS`, the count a :class:`WidthAdaptiveRunner` picks its session by. Must not import
+torch, fastapi or ``training``.
 """
 
 from __future__ import annotations
@@ -12,8 +13,10 @@ from __future__ import annotations
 import logging
 import os
 import re
+import threading
 from collections import defaultdict
 from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol
@@ -119,10 +122,38 @@ def default_threads() -> int:
 
 
 def threads_per_session(cpu_sessions: int) -> int:
-    """The default intra-op threads of each of ``cpu_sessions`` CPU sessions that may run at once: the
-    usable cores shared out, at least one each. Each session sized to all cores (onnxruntime's default)
-    oversubscribes them as soon as two directions run together."""
+    """The intra-op threads of each of ``cpu_sessions`` CPU sessions that may run at once: the usable cores
+    shared out, at least one each (what :class:`WidthAdaptiveRunner` runs while other CPU runs are in
+    progress)."""
     return max(1, default_threads() // max(1, cpu_sessions))
+
+
+class CpuRuns:
+    """How many CPU inference runs of this process are in progress, counted by :class:`WidthAdaptiveRunner`."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._count = 0
+
+    @property
+    def count(self) -> int:
+        return self._count
+
+    @contextmanager
+    def running(self) -> Iterator[int]:
+        """Count one run for the ``with`` block; yields how many others were in progress when it started."""
+        with self._lock:
+            others = self._count
+            self._count += 1
+        try:
+            yield others
+        finally:
+            with self._lock:
+                self._count -= 1
+
+
+CPU_RUNS = CpuRuns()
+"""The process's one count: every direction's adaptive runner must see the others' runs."""
 
 
 def session_options(intra_op_threads: int | None) -> ort.SessionOptions:
@@ -284,6 +315,9 @@ class RunnerConfig:
         precision: float32 or float16 (which ONNX file), bfloat16 (OpenVINO on a CPU with native bf16) or auto.
         psnr_floor_db: a reduced precision below this PSNR against float32 on a probe image falls back to float32.
         intra_op_threads: CPU threads per session; ``None`` for all usable cores.
+        all_cores_when_alone: on a CPU where ``intra_op_threads`` is fewer than the usable cores, also open a
+            session on all of them for the runs that start while no other CPU run of the process is in
+            progress (:class:`WidthAdaptiveRunner`). The service sets it unless the threads were configured.
         require_gpu: a GPU device that onnxruntime cannot use is an error (``ProviderUnavailable``), not a
             silent CPU run; ``False`` allows the fallback, with a warning.
         conv_algo_search: cuDNN's algorithm choice. HEURISTIC picks at once; EXHAUSTIVE benchmarks every
@@ -295,6 +329,7 @@ class RunnerConfig:
     precision: Precision = "float32"
     psnr_floor_db: float = 40.0
     intra_op_threads: int | None = None
+    all_cores_when_alone: bool = False
     require_gpu: bool = True
     conv_algo_search: ConvAlgoSearch = "HEURISTIC"
 
@@ -302,12 +337,26 @@ class RunnerConfig:
         parse_device(self.device)  # ValueError now, not at the first session
 
 
-def open_runner(model: LoadedModel, direction: str, config: RunnerConfig) -> OnnxRunner | OpenVinoRunner:
-    """The one runner factory: a verified session for ``direction`` of ``model``, as ``config`` says.
+def open_runner(
+    model: LoadedModel, direction: str, config: RunnerConfig
+) -> OnnxRunner | OpenVinoRunner | WidthAdaptiveRunner:
+    """The one runner factory: a verified session for ``direction`` of ``model``, as ``config`` says (two
+    of them behind a :class:`WidthAdaptiveRunner` for ``all_cores_when_alone`` on a CPU).
 
     Raises:
         ValueError: an engine and precision that cannot run on the device (see ``choose``).
     """
+    narrow = _open_one(model, direction, config, config.intra_op_threads)
+    cores = default_threads()
+    on_cpu = narrow.provider in (CPU, "CPU")  # onnxruntime's and OpenVINO's names (a GPU fallback included)
+    if not config.all_cores_when_alone or not on_cpu or (config.intra_op_threads or cores) >= cores:
+        return narrow
+    return WidthAdaptiveRunner(_open_one(model, direction, config, cores), narrow)
+
+
+def _open_one(
+    model: LoadedModel, direction: str, config: RunnerConfig, threads: int | None
+) -> OnnxRunner | OpenVinoRunner:
     from service.openvino_runner import OpenVinoRunner, choose, probe_input
 
     engine, precision = choose(config.engine, config.precision, config.device)
@@ -316,7 +365,7 @@ def open_runner(model: LoadedModel, direction: str, config: RunnerConfig) -> Onn
         return OpenVinoRunner.open(
             model.path(direction, "float32"),
             precision=precision,
-            threads=config.intra_op_threads or default_threads(),
+            threads=threads or default_threads(),
             input_name=contract.input_name,
             output_name=contract.output_name,
             probe=probe_input(native_side(contract)),
@@ -326,12 +375,46 @@ def open_runner(model: LoadedModel, direction: str, config: RunnerConfig) -> Onn
         model.path(direction, precision),
         precision=precision,
         device=config.device,
-        intra_op_threads=config.intra_op_threads,
+        intra_op_threads=threads,
         require_gpu=config.require_gpu,
         conv_algo_search=config.conv_algo_search,
         input_name=contract.input_name,
         output_name=contract.output_name,
     )
+
+
+class WidthAdaptiveRunner:
+    """Two CPU runners over one file: ``wide`` (all the cores) for a run that starts while no other CPU run of
+    the process is in progress, ``narrow`` (the cores shared out) for one that starts next to others.
+
+    Why: a CPU session's threads are fixed when it is opened. Measured with the bundled model at 256 x 256 on 2
+    cores (docs/benchmarks.md, "CPU sessions sharing the cores"): one direction alone on the shared-out single
+    thread ran at 0.67x (onnxruntime) and 0.56x (OpenVINO) of the speed of all cores; two directions together
+    ran at 0.84x and 0.99x of the shared-out throughput when all-core sessions took turns through a lock, and
+    0.91x and 0.96x when they oversubscribed the cores. Choosing per run gets both: 1.00x and 1.05x of all
+    cores alone, 1.04x and 0.98x of shared out together. The price: a second session's weights and memory,
+    and a brief oversubscription when a run starts next to a wide one.
+
+    Attributes:
+        wide, narrow: the two runners; the attributes below are ``wide``'s (both run the same file and
+            precision; a reduced precision is verified for each).
+        runs: the process-wide count of CPU runs in progress (:data:`CPU_RUNS`).
+    """
+
+    def __init__(
+        self, wide: OnnxRunner | OpenVinoRunner, narrow: OnnxRunner | OpenVinoRunner, runs: CpuRuns = CPU_RUNS
+    ) -> None:
+        self.wide, self.narrow, self.runs = wide, narrow, runs
+        self.engine = wide.engine
+        self.provider = wide.provider
+        self.device = wide.device
+        self.precision: str = wide.precision
+        self.psnr_db = wide.psnr_db
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        """The wide runner's result when no other CPU run is in progress, else the narrow one's."""
+        with self.runs.running() as others:
+            return (self.narrow if others else self.wide).run(batch)
 
 
 class Engine:

@@ -13,19 +13,27 @@ import pytest
 from PIL import Image
 from service_fakes import RecordingRunner
 
+from service import runtime
 from service.repository import LoadedModel, ModelRepositoryError, load_model_dir
 from service.runtime import (
     CPU,
+    CPU_RUNS,
     CUDA,
+    CpuRuns,
     Engine,
     OnnxRunner,
     ProviderUnavailable,
+    RunnerConfig,
+    WidthAdaptiveRunner,
     choose_providers,
     create_session,
     default_threads,
+    open_runner,
     parse_device,
     session_options,
+    threads_per_session,
 )
+from tests.requires import require_module
 
 
 @pytest.fixture(scope="module")
@@ -69,6 +77,12 @@ def test_session_options_are_explicit() -> None:
     assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
     assert options.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     assert session_options(None).intra_op_num_threads == default_threads() >= 1
+
+
+def test_cpu_sessions_share_the_usable_cores_out(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two directions on 2 cores get one thread each, not two each (docs/reliability.md, "CPU threads")."""
+    monkeypatch.setattr(runtime, "default_threads", lambda: 8)
+    assert [threads_per_session(n) for n in (0, 1, 2, 3, 8, 16)] == [8, 8, 4, 2, 1, 1]
 
 
 def test_cpu_session(tiny_model: LoadedModel) -> None:
@@ -265,3 +279,75 @@ def test_onnxruntime_accepts_the_shrinkage_run_option(tiny_model: LoadedModel) -
     runner = OnnxRunner.open(tiny_model.path("a2b"), intra_op_threads=1)
     big = np.zeros((1, 3, 768, 768), np.float32)  # 589,824 pixels: over SHRINK_ABOVE_PIXELS
     assert runner.run(big).shape == big.shape
+
+
+# --- CPU sessions sharing the cores: width-adaptive runners ------------------------------------------
+
+
+class _Recording:
+    """A runner that records which of the pair ran, and the process's other runs in progress at that moment."""
+
+    engine, provider, device, precision, psnr_db = "fake", "CPU", "cpu", "float32", None
+
+    def __init__(self, name: str, calls: list[tuple[str, int]], runs: CpuRuns) -> None:
+        self.name, self.calls, self.runs = name, calls, runs
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        self.calls.append((self.name, self.runs.count))
+        return batch
+
+
+def test_a_run_that_starts_alone_gets_all_cores_and_one_next_to_another_gets_its_share() -> None:
+    runs, calls = CpuRuns(), []
+    wide, narrow = _Recording("wide", calls, runs), _Recording("narrow", calls, runs)
+    adaptive = WidthAdaptiveRunner(wide, narrow, runs)  # type: ignore[arg-type]
+    x = np.zeros((1, 3, 8, 8), np.float32)
+    adaptive.run(x)
+    with runs.running():  # another direction's run in progress
+        adaptive.run(x)
+    adaptive.run(x)
+    assert calls == [("wide", 1), ("narrow", 2), ("wide", 1)]  # each run counts itself while it runs
+    assert runs.count == 0
+    assert (adaptive.engine, adaptive.provider, adaptive.precision) == ("fake", "CPU", "float32")
+
+
+def test_a_failed_run_is_not_counted_as_running_forever() -> None:
+    runs = CpuRuns()
+    with pytest.raises(RuntimeError), runs.running():
+        raise RuntimeError("the model failed")
+    assert runs.count == 0
+
+
+def test_every_adaptive_runner_counts_in_the_one_process_wide_count(tiny_model: LoadedModel) -> None:
+    if default_threads() < 2:
+        pytest.skip("one usable core: there is no wider session to open")
+    config = RunnerConfig(engine="onnxruntime", intra_op_threads=1, all_cores_when_alone=True)
+    runners = [open_runner(tiny_model, d, config) for d in ("a2b", "b2a")]
+    assert all(isinstance(r, WidthAdaptiveRunner) and r.runs is CPU_RUNS for r in runners)
+
+
+def _threads(runner: Any) -> int:
+    if isinstance(runner, OnnxRunner):
+        return int(runner.session.get_session_options().intra_op_num_threads)
+    return int(runner.compiled.get_property("INFERENCE_NUM_THREADS"))
+
+
+@pytest.mark.parametrize("engine", ["onnxruntime", "openvino"])
+def test_all_cores_when_alone_opens_a_second_session_on_every_core(tiny_model: LoadedModel, engine: str) -> None:
+    if engine == "openvino":
+        require_module("openvino", "pip install -e '.[cpu-fast]' (make test installs it)")
+    if default_threads() < 2:
+        pytest.skip("one usable core: there is no wider session to open")
+    runner = open_runner(tiny_model, "a2b", RunnerConfig(engine=engine, intra_op_threads=1, all_cores_when_alone=True))  # type: ignore[arg-type]
+    assert isinstance(runner, WidthAdaptiveRunner)
+    assert (_threads(runner.wide), _threads(runner.narrow)) == (default_threads(), 1)
+    assert (runner.engine, runner.provider) == (engine, runner.narrow.provider)
+    x = np.random.default_rng(0).uniform(-1, 1, (1, 3, 16, 16)).astype(np.float32)
+    np.testing.assert_allclose(runner.run(x), runner.narrow.run(x), atol=1e-5)
+    # Nothing to adapt: asked not to, or the threads already cover every core.
+    plain = [
+        RunnerConfig(engine=engine, intra_op_threads=1),  # type: ignore[arg-type]
+        RunnerConfig(engine=engine, intra_op_threads=default_threads(), all_cores_when_alone=True),  # type: ignore[arg-type]
+        RunnerConfig(engine=engine, all_cores_when_alone=True),  # type: ignore[arg-type]
+    ]
+    assert not any(isinstance(open_runner(tiny_model, "a2b", c), WidthAdaptiveRunner) for c in plain)
