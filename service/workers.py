@@ -205,11 +205,6 @@ class WorkerPool:
             return "the pool was stopped before every instance was warm"
         return self.failure
 
-    @property
-    def serving(self) -> bool:
-        """Every direction (of every version) has at least one healthy instance (readiness)."""
-        return all(any(i.healthy for i in self.instances if i.direction is plan) for plan in self.plans)
-
     def serves(self, direction: str, version: str | None = None) -> bool:
         """``direction`` (of ``version``, or of any version) has at least one healthy instance."""
         return any(

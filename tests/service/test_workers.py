@@ -41,6 +41,11 @@ def make_pool(
     return WorkerPool(plans, devices=devices, instances_per_device=instances, observer=observer), batchers  # type: ignore[arg-type]
 
 
+def serving(pool: WorkerPool) -> bool:
+    """Every direction has a healthy instance: what readiness asks of the pool."""
+    return all(pool.serves(plan.name, plan.version) for plan in pool.plans)
+
+
 def image(value: float, side: int = 8) -> np.ndarray:
     return np.random.default_rng(int(value)).uniform(-1, 1, (3, side, side)).astype(np.float32) + value
 
@@ -91,7 +96,7 @@ def test_a_runner_error_fails_every_item_of_its_batch(
         assert "kaput" not in str(failed.value)  # the client is told it failed, not the library's words
     assert "kaput" in caplog.text  # the log has them
     assert set(recorder.failures) == {("a2b", "cpu", "inference_error")}  # one per failed batch
-    assert pool.serving  # one bad batch does not take the instance out
+    assert serving(pool)  # one bad batch does not take the instance out
     pool.stop(timeout_s=30)
 
 
@@ -134,7 +139,7 @@ def test_a_failed_warm_up_is_reported_and_never_warm(caplog: pytest.LogCaptureFi
     )
     pool.start()
     wait_until(lambda: pool.failure is not None, what="the warm-up failure")
-    assert pool.failure == "warm-up of a2b@cpu#0 failed" and not pool.warm and not pool.serving
+    assert pool.failure == "warm-up of a2b@cpu#0 failed" and not pool.warm and not serving(pool)
     assert "out of memory" in caplog.text
     pool.stop(timeout_s=30)
 
@@ -313,7 +318,7 @@ def test_a_worker_that_dies_fails_its_batch_and_is_marked_failed(caplog: pytest.
         batcher.submit(image(2), timeout_s=60)
     (inst,) = pool.instances
     wait_until(lambda: inst.thread is not None and not inst.thread.is_alive(), what="the thread to end")
-    assert inst.failed is not None and not inst.healthy and not pool.serving
+    assert inst.failed is not None and not inst.healthy and not serving(pool)
     assert pool.failure is not None and "no live instance" in pool.failure  # liveness: cannot recover
     assert recorder.failures == [("a2b", "cpu", "crash")]
     assert "worker a2b@cpu#0 died" in caplog.text
@@ -336,7 +341,7 @@ def test_a_dead_instance_leaves_its_direction_served_by_the_others() -> None:
         except InferenceFailed:
             pass
     wait_until(lambda: sum(inst.failed is not None for inst in pool.instances) == 1, what="one dead instance")
-    assert pool.serving and pool.failure is None
+    assert serving(pool) and pool.failure is None
     assert batcher.submit(image(9), timeout_s=60).result(30).batch_size == 1
     pool.stop(timeout_s=5)
 
@@ -353,9 +358,9 @@ def test_a_batch_over_the_time_limit_fails_with_504_and_marks_the_instance_stuck
     with pytest.raises(BatchTimedOut) as timed_out:
         future.result(30)
     assert (timed_out.value.status, timed_out.value.error) == (504, "batch_timeout")
-    assert not pool.serving and pool.failure is None  # unhealthy (readiness), not dead (liveness)
+    assert not serving(pool) and pool.failure is None  # unhealthy (readiness), not dead (liveness)
     assert recorder.failures == [("a2b", "cpu", "timeout")]
     fakes.gate.set()  # the runner returns: its late result is dropped and the instance serves again
-    wait_until(lambda: pool.serving, what="the instance to recover")
+    wait_until(lambda: serving(pool), what="the instance to recover")
     assert batcher.submit(image(1), timeout_s=60).result(30).batch_size == 1
     pool.stop(timeout_s=30)
