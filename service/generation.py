@@ -47,6 +47,8 @@ def onnx_runner_factory(settings: Settings, *, cpu_sessions: int) -> RunnerFacto
             precision=settings.precision,
             psnr_floor_db=settings.psnr_floor_db,
             intra_op_threads=threads,
+            # Unless the operator fixed the threads: all cores for a run alone, the shared-out session beside others.
+            all_cores_when_alone=not settings.intra_op_threads,
             require_gpu=settings.require_gpu,
             conv_algo_search=settings.cudnn_conv_algo_search,
         )

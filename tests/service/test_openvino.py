@@ -29,6 +29,7 @@ from service.runtime import (
     SHRINK_ABOVE_PIXELS,
     OnnxRunner,
     RunnerConfig,
+    WidthAdaptiveRunner,
     default_threads,
     open_runner,
     threads_per_session,
@@ -276,11 +277,11 @@ async def test_the_service_reports_engine_precision_and_psnr(tiny_repo: Path, bf
         psnr = f"{inst['psnr_db']:.1f}"
         assert sample(metrics, "dclgan_model_info", model="tiny", direction=direction["name"], device="cpu",
                       psnr_db=psnr, **labels) == 1  # fmt: skip
-    # Two directions share the usable cores out (a WidthAdaptiveRunner's narrow session, once the service
-    # opens them: its wide one runs on all cores only while no other run is in progress).
-    shared = [getattr(r, "narrow", r) for r in runners]
-    threads = {r.compiled.get_property("INFERENCE_NUM_THREADS") for r in shared}
-    assert threads == {threads_per_session(len(runners))}
+    # Each direction runs on all the usable cores while it runs alone, on its share of them beside another run.
+    assert all(isinstance(r, WidthAdaptiveRunner) for r in runners), runners
+    wide = {r.wide.compiled.get_property("INFERENCE_NUM_THREADS") for r in runners}
+    narrow = {r.narrow.compiled.get_property("INFERENCE_NUM_THREADS") for r in runners}
+    assert (wide, narrow) == ({default_threads()}, {threads_per_session(len(runners))})
 
 
 async def test_the_service_serves_bf16_and_translates(tiny_repo: Path, bf16_cpu: Any) -> None:
