@@ -206,6 +206,9 @@ def servers(args: argparse.Namespace) -> dict[str, Server]:
         f"dclgan-serve {label} (onnxruntime)": Server([py, "-m", "service"], {**onnxruntime, "PYTHONPATH": code})
         for label, code in (item.split("=", 1) for item in args.variant)
     }
+    for label, setting in (item.split("=", 1) for item in args.env_variant):
+        key, value = setting.split("=", 1)
+        variants[f"dclgan-serve {label} (onnxruntime)"] = Server([py, "-m", "service"], {**onnxruntime, key: value})
     return {
         "dclgan-serve (onnxruntime)": Server([py, "-m", "service"], onnxruntime),
         **variants,
@@ -232,6 +235,10 @@ def main() -> None:
     parser.add_argument("--env", action="append", default=[], help="KEY=VALUE for the service")
     parser.add_argument(
         "--variant", action="append", default=[], metavar="LABEL=DIR", help="another service source tree to compare"
+    )
+    parser.add_argument(
+        "--env-variant", action="append", default=[], metavar="LABEL=KEY=VALUE",
+        help="the service (--code, onnxruntime) with one more setting, e.g. two=DCLGAN_INSTANCES_PER_DEVICE=2",
     )
     parser.add_argument("--logs", type=Path, default=REPO / "runs")
     args = parser.parse_args()
