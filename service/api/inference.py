@@ -53,20 +53,35 @@ class Options:
 
 
 @dataclass(frozen=True)
-class Translated:
-    """An encoded output image (exactly the input's size) and how it was computed.
+class Stage:
+    """When one stage of one image's trip ran, in wall-clock nanoseconds (``time.time_ns``, what trace spans
+    take): ``decode`` (decoding and preparing the input), ``queue``, ``compute`` (its batch's inference call),
+    ``encode`` (cropping, resizing back and encoding). Decode and encode are timed inside the pool, so waiting
+    for a pool thread is not counted."""
 
-    ``decode_s``: decoding and preparing the input (resize, pad); ``encode_s``: cropping, resizing back and
-    encoding the output. Measured inside the pool, so waiting for a pool thread is not counted.
-    """
+    name: str
+    start_ns: int
+    end_ns: int
+
+    @property
+    def seconds(self) -> float:
+        return (self.end_ns - self.start_ns) / 1e9
+
+
+@dataclass(frozen=True)
+class Translated:
+    """An encoded output image (exactly the input's size) and how it was computed: ``stages`` in order."""
 
     content: bytes
     media_type: str
     width: int
     height: int
     result: InferenceResult
-    decode_s: float
-    encode_s: float
+    stages: tuple[Stage, ...]
+
+    def seconds(self, stage: str) -> float:
+        """How long ``stage`` took."""
+        return next(s.seconds for s in self.stages if s.name == stage)
 
 
 def _outcome(exc: BaseException) -> str:
@@ -122,32 +137,37 @@ async def _translate(data: bytes, served: ServedDirection, options: Options, sta
     )
     with state.budget.hold(need, too_large):
 
-        def prepare() -> tuple[Prepared, float]:
-            start = time.perf_counter()
+        def prepare() -> tuple[Prepared, Stage]:
+            start = time.time_ns()
             img = decode_image(data, max_pixels=max_pixels)
             prepared = to_input(
                 img, max_side=options.max_side, multiple_of=contract.multiple_of, min_size=contract.min_size
             )
-            return prepared, time.perf_counter() - start
+            return prepared, Stage("decode", start, time.time_ns())
 
-        prepared, decode_s = await state.in_pool(prepare)
+        prepared, decode = await state.in_pool(prepare)
         remaining = options.deadline - time.monotonic()
         if remaining <= 0:
             raise DeadlineExceeded("the deadline passed before the image could be queued")
+        submitted = time.time_ns()
         future = served.batcher.submit(prepared.array, timeout_s=remaining)
         result = await await_result(future, options.deadline)
 
-        def finish() -> tuple[bytes, float]:
-            start = time.perf_counter()
+        def finish() -> tuple[bytes, Stage]:
+            start = time.time_ns()
             try:
                 image = from_output(result.output, prepared)
             except ValueError as exc:  # wrong shape or NaN: the model is broken, not the request
                 raise InferenceFailed("the model returned an unusable output") from exc
-            return encode_image(image, options.fmt), time.perf_counter() - start
+            return encode_image(image, options.fmt), Stage("encode", start, time.time_ns())
 
-        content, encode_s = await state.in_pool(finish)
+        content, encode = await state.in_pool(finish)
     width, height = prepared.orig_size
-    return Translated(content, MEDIA_TYPES[options.fmt], width, height, result, decode_s, encode_s)
+    started = submitted + round(result.queue_s * 1e9)  # the worker times the queue and the call from submission
+    queue = Stage("queue", submitted, started)
+    compute = Stage("compute", started, started + round(result.compute_s * 1e9))
+    stages = (decode, queue, compute, encode)
+    return Translated(content, MEDIA_TYPES[options.fmt], width, height, result, stages)
 
 
 async def await_result(future: Future[InferenceResult], deadline: float) -> InferenceResult:

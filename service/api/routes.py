@@ -141,20 +141,16 @@ def _body_memory(request: Request, state: AppState) -> AbstractContextManager[No
 
 
 def _record_timings(request: Request, outputs: list[Translated]) -> str:
-    """Put each stage's time and the batch size in the access log; return the times as a ``Server-Timing``
-    header. For several images each figure is the slowest image's (their stages overlap)."""
+    """Put each stage's time and the batch size in the access log, and the images for trace spans (when tracing
+    is on: ``service.api.spans``); return the times as a ``Server-Timing`` header. For several images each
+    figure is the slowest image's (their stages overlap)."""
     if not outputs:
         return ""
-    results = [out.result for out in outputs]
-    stages = {
-        "decode": max(out.decode_s for out in outputs),
-        "queue": max(r.queue_s for r in results),
-        "compute": max(r.compute_s for r in results),
-        "encode": max(out.encode_s for out in outputs),
-    }
+    stages = {stage.name: max(out.seconds(stage.name) for out in outputs) for stage in outputs[0].stages}
     for stage, seconds in stages.items():
         setattr(request.state, f"{stage}_ms", seconds * 1000)
-    request.state.batch_size = batch = max(r.batch_size for r in results)
+    request.state.batch_size = batch = max(out.result.batch_size for out in outputs)
+    request.state.translated = outputs
     return ", ".join(
         f"{stage};dur={seconds * 1000:.1f}" + (f';desc="batch of {batch}"' if stage == "compute" else "")
         for stage, seconds in stages.items()

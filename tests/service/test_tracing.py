@@ -91,12 +91,14 @@ def spans(monkeypatch: pytest.MonkeyPatch, no_otel_env: None) -> Iterator[Any]:
     provider.shutdown()
 
 
-async def traced_post(exporter: Any, tmp_path: Path, fakes: Fakes, **request: Any) -> tuple[httpx.Response, list[Any]]:
-    """POST ``request`` to ``/translate/a2b`` of a traced app over fake runners; the response and its spans only
+async def traced_post(
+    exporter: Any, tmp_path: Path, fakes: Fakes, route: str = "/translate/a2b", **request: Any
+) -> tuple[httpx.Response, list[Any]]:
+    """POST ``request`` to ``route`` of a traced app over fake runners; the response and its spans only
     (not the readiness polls')."""
     async with running_app(Settings(models_dir=write_fake_repo(tmp_path / "models")), fakes.factory) as (_, client):
         exporter.clear()
-        response = await client.post("/translate/a2b", **request)
+        response = await client.post(route, **request)
     return response, list(exporter.get_finished_spans())
 
 
@@ -128,15 +130,35 @@ async def test_a_translation_is_a_server_span_with_its_stage_spans(spans: Any, t
     stages = {span.name: span for span in finished if span is not server}
     assert len(finished) == 1 + len(STAGES) and sorted(stages) == sorted(STAGES)  # no receive/send spans either
     timing = server_timing(response.headers["server-timing"])
+    image = {**expected, "dclgan.image.width": 24, "dclgan.image.height": 16}
     previous_end = server.start_time
     for name in STAGES:
         span = stages[name]
         assert span.context.trace_id == server.context.trace_id and span.parent.span_id == server.context.span_id
-        assert dict(span.attributes) == {**expected, **({"dclgan.batch.size": 1} if name == "compute" else {})}
+        assert dict(span.attributes) == {**image, **({"dclgan.batch.size": 1} if name == "compute" else {})}
         assert (span.end_time - span.start_time) / 1e6 == pytest.approx(timing[name], abs=0.06), name
-        assert previous_end <= span.start_time <= span.end_time  # end to end, in order, inside the server span
+        assert previous_end <= span.start_time <= span.end_time  # measured, in order, inside the server span
         previous_end = span.end_time
     assert previous_end <= server.end_time
+    assert stages["queue"].end_time == stages["compute"].start_time  # the batch started as its wait ended
+
+
+@pytest.mark.anyio
+async def test_a_batch_request_has_stage_spans_for_each_image(spans: Any, tmp_path: Path) -> None:
+    sizes = [(24, 16), (12, 20)]
+    files = [("images", (f"{i}.png", png(size, seed=i), "image/png")) for i, size in enumerate(sizes)]
+    response, finished = await traced_post(spans, tmp_path, Fakes(), route="/translate/a2b/batch", files=files)
+    assert response.status_code == 200
+    server = server_span(finished)
+    stages = [span for span in finished if span is not server]
+    assert len(stages) == len(sizes) * len(STAGES)
+    for index, (width, height) in enumerate(sizes):
+        mine = [span for span in stages if span.attributes["dclgan.image.index"] == index]
+        assert sorted(span.name for span in mine) == sorted(STAGES)
+        assert {(span.attributes["dclgan.image.width"], span.attributes["dclgan.image.height"]) for span in mine} == {
+            (width, height)
+        }
+        assert all(span.parent.span_id == server.context.span_id for span in mine)
 
 
 @pytest.mark.anyio
