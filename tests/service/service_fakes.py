@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -65,9 +66,9 @@ class Fakes:
         return [len(b) for d, b in list(self.batches) if direction in (None, d)]
 
 
-class FakeDevice:
+class FakeDevice(ABC):
     """Where and how every fake runner says it runs (the ``DeviceRunner`` attributes but ``device``); its first
-    call is the warm-up."""
+    call is the warm-up. Subclasses say what a call computes."""
 
     provider = FAKE_PROVIDER
     engine, precision, psnr_db = "fake", "float32", None
@@ -77,8 +78,9 @@ class FakeDevice:
         warm_up, self.warmed = not self.warmed, True
         return self.compute(batch, warm_up=warm_up)
 
+    @abstractmethod
     def compute(self, batch: np.ndarray, *, warm_up: bool) -> np.ndarray:
-        raise NotImplementedError
+        """The output for ``batch``; ``warm_up`` on the first call."""
 
 
 class FakeRunner(FakeDevice):
@@ -198,7 +200,7 @@ class BrokenRunner(FakeDevice):
     def __init__(self, device: str) -> None:
         self.device = device
 
-    def run(self, batch: np.ndarray) -> np.ndarray:
+    def compute(self, batch: np.ndarray, *, warm_up: bool) -> np.ndarray:
         raise RuntimeError("cannot allocate")
 
 
