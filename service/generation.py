@@ -35,8 +35,9 @@ def onnx_runner_factory(settings: Settings, *, cpu_sessions: int) -> RunnerFacto
     """Runners over the ONNX files, onnxruntime sessions or OpenVINO compiled models as ``settings`` choose
     (:func:`service.runtime.open_runner`).
 
-    ``cpu_sessions``: how many CPU sessions the pool opens; with ``intra_op_threads=0`` they share the
-    usable cores out instead of each taking all of them.
+    ``cpu_sessions``: how many CPU instances the pool opens. With ``intra_op_threads=0`` each one runs on all
+    the usable cores while it runs alone and on its share of them beside other runs
+    (:class:`service.runtime.WidthAdaptiveRunner`); a configured count is used as it is.
     """
     threads = settings.intra_op_threads or threads_per_session(cpu_sessions)
 
