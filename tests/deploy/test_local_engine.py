@@ -311,10 +311,12 @@ def test_docker_stop_drains_in_flight_work_and_exits_0(engine: Engine, container
     """``docker stop`` with compose's grace period: the request in flight still gets its image, exit 0."""
     outcome: dict[str, Any] = {}
 
-    def slow_request() -> None:  # a 1024x1024 image takes seconds on one CPU thread
+    def slow_request() -> None:
+        # Computed at 1024x1024 (max_side overrides the card's smaller working_side, which would make it a
+        # ~0.1 s request that can end between two polls): seconds of work on the container's one thread.
         try:
             outcome["response"] = httpx.post(
-                f"{container.url}/translate/{DIRECTIONS[0]}",
+                f"{container.url}/translate/{DIRECTIONS[0]}?max_side=1024",
                 content=png(1024, 1024, seed=7),
                 headers={"content-type": "image/png"},
                 timeout=60,
@@ -330,7 +332,10 @@ def test_docker_stop_drains_in_flight_work_and_exits_0(engine: Engine, container
     sender = threading.Thread(target=slow_request)
     sender.start()
     try:
-        wait_for(lambda: inflight() or "response" in outcome, "request in flight", 30, lambda: str(outcome))
+        deadline = time.monotonic() + 30
+        while not (inflight() or "response" in outcome):
+            assert time.monotonic() < deadline, f"no request in flight after 30 s: {outcome}"
+            time.sleep(0.05)
         assert "response" not in outcome, "the request ended before the stop: nothing was drained"
         started = time.monotonic()
         engine.run("stop", "-t", str(STOP_GRACE_S), container.name, timeout=STOP_GRACE_S + 30)
