@@ -206,9 +206,10 @@ def servers(args: argparse.Namespace) -> dict[str, Server]:
         f"dclgan-serve {label} (onnxruntime)": Server([py, "-m", "service"], {**onnxruntime, "PYTHONPATH": code})
         for label, code in (item.split("=", 1) for item in args.variant)
     }
-    for label, setting in (item.split("=", 1) for item in args.env_variant):
-        key, value = setting.split("=", 1)
-        variants[f"dclgan-serve {label} (onnxruntime)"] = Server([py, "-m", "service"], {**onnxruntime, key: value})
+    for label, settings in (item.split("=", 1) for item in args.env_variant):
+        env = {**onnxruntime, **dict(kv.split("=", 1) for kv in settings.split(","))}
+        engine = "default engine" if env["DCLGAN_ENGINE"] == "auto" else env["DCLGAN_ENGINE"]
+        variants[f"dclgan-serve {label} ({engine})"] = Server([py, "-m", "service"], env)
     return {
         "dclgan-serve (onnxruntime)": Server([py, "-m", "service"], onnxruntime),
         **variants,
@@ -237,8 +238,9 @@ def main() -> None:
         "--variant", action="append", default=[], metavar="LABEL=DIR", help="another service source tree to compare"
     )
     parser.add_argument(
-        "--env-variant", action="append", default=[], metavar="LABEL=KEY=VALUE",
-        help="the service (--code, onnxruntime) with one more setting, e.g. two=DCLGAN_INSTANCES_PER_DEVICE=2",
+        "--env-variant", action="append", default=[], metavar="LABEL=KEY=VALUE[,KEY=VALUE]",
+        help="the service (--code, onnxruntime unless DCLGAN_ENGINE is among them) with more settings, "
+        "e.g. two=DCLGAN_INSTANCES_PER_DEVICE=2",
     )
     parser.add_argument("--logs", type=Path, default=REPO / "runs")
     args = parser.parse_args()

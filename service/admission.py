@@ -44,14 +44,74 @@ class MemoryBudget:
             too_large: ``nbytes`` exceeds the whole budget, so no retry can succeed.
             Overloaded: the budget lacks ``nbytes`` now (503 with ``Retry-After``).
         """
+        self.reserve(nbytes, too_large)
+        try:
+            yield
+        finally:
+            self.release(nbytes)
+
+    def reserve(self, nbytes: int, too_large: Exception) -> None:
+        """Take ``nbytes`` until :meth:`release`; raises as :meth:`hold`."""
         if nbytes > self.capacity:
             raise too_large
         with self._lock:
             if self._used + nbytes > self.capacity:
                 raise Overloaded("the server is busy with other large requests; retry later")
             self._used += nbytes
-        try:
-            yield
-        finally:
-            with self._lock:
-                self._used -= nbytes
+
+    def release(self, nbytes: int) -> None:
+        """Give back what :meth:`reserve` took."""
+        with self._lock:
+            self._used -= nbytes
+
+
+class Abandoned(Exception):
+    """The coroutine a :class:`Claim` was made for has gone; the pool thread stops before decoding."""
+
+
+class Claim:
+    """One image's reservation, made inside the pool thread that decodes it and released when both the
+    thread and the request's coroutine are done with it.
+
+    Reserving in the thread saves the event loop a second hand-off per image (reading the header, then
+    decoding). But a cancelled coroutine (its client left) does not wait for its thread (anyio's
+    ``run_sync`` is interrupted at once), so whichever of the two finishes last gives the bytes back: the
+    budget never counts memory nobody holds, nor forgets memory a thread still decodes into.
+    """
+
+    def __init__(self, budget: MemoryBudget) -> None:
+        self._budget = budget
+        self._lock = threading.Lock()
+        self._nbytes = 0
+        self._in_thread = False
+        self._closed = False
+
+    def take(self, nbytes: int, too_large: Exception) -> None:
+        """Reserve ``nbytes`` (in the pool thread, which must call :meth:`thread_done` afterwards).
+
+        Raises:
+            Abandoned: the coroutine has already closed the claim.
+            too_large, Overloaded: as :meth:`MemoryBudget.hold`.
+        """
+        with self._lock:
+            if self._closed:
+                raise Abandoned("the request went away before its image was decoded")
+            self._budget.reserve(nbytes, too_large)
+            self._nbytes, self._in_thread = nbytes, True
+
+    def thread_done(self) -> None:
+        """The thread holds nothing of the image any more (it returned it, or failed)."""
+        with self._lock:
+            self._in_thread = False
+            self._give_back_if_unused()
+
+    def close(self) -> None:
+        """The coroutine is done with the image (finished, failed or cancelled)."""
+        with self._lock:
+            self._closed = True
+            self._give_back_if_unused()
+
+    def _give_back_if_unused(self) -> None:
+        if self._closed and not self._in_thread and self._nbytes:
+            self._budget.release(self._nbytes)
+            self._nbytes = 0

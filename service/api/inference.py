@@ -1,6 +1,6 @@
 """The translate pipeline of one image, on the event loop side of the batcher.
 
-probe the header (pool) -> reserve the image's memory -> decode + prepare (pool) -> ``Batcher.submit``
+probe the header, reserve the image's memory, decode + prepare (one pool hop) -> ``Batcher.submit``
 -> await the future with a deadline -> crop, resize back + encode (pool) -> release the memory. The
 event loop only ever waits; decoding, inference and encoding run in threads, and "pool" is the
 bounded decode/encode pool (``io_threads``), not the event loop's default one (40 threads, which let
@@ -20,6 +20,7 @@ from typing import TypeVar
 
 from starlette.requests import Request
 
+from service.admission import Claim
 from service.batching import InferenceResult
 from service.errors import ClientDisconnected, DeadlineExceeded, InferenceFailed, NotReady, Overloaded, QueueFull
 from service.generation import ServedDirection
@@ -128,23 +129,31 @@ async def _translate(data: bytes, served: ServedDirection, options: Options, sta
     contract = served.model.card.input
     max_pixels = state.settings.max_pixels
     served.batcher.ensure_room()  # an overload is refused in microseconds, not after a decode
-    probe = await state.in_pool(probe_image, data, max_pixels=max_pixels)
-    work_w, work_h = working_size(probe.width, probe.height, max_side=options.max_side)
-    need = probe.decode_bytes(work_w * work_h)
-    too_large = ImageTooLarge(
-        f"a {probe.width}x{probe.height} {probe.mode} image needs about {need} bytes to translate; "
-        f"the server's limit is {state.budget.capacity}"
-    )
-    with state.budget.hold(need, too_large):
+    claim = Claim(state.budget)
 
-        def prepare() -> tuple[Prepared, Stage]:
-            start = time.time_ns()
+    def prepare() -> tuple[Prepared, Stage]:
+        # One pool hop for header, reservation and decode: the header probe alone is microseconds of
+        # work, less than a hand-off costs, and it must not run on the event loop (a JPEG can make
+        # Pillow walk thousands of markers before its size).
+        start = time.time_ns()
+        try:
+            probe = probe_image(data, max_pixels=max_pixels)
+            work_w, work_h = working_size(probe.width, probe.height, max_side=options.max_side)
+            need = probe.decode_bytes(work_w * work_h)
+            too_large = ImageTooLarge(
+                f"a {probe.width}x{probe.height} {probe.mode} image needs about {need} bytes to translate; "
+                f"the server's limit is {state.budget.capacity}"
+            )
+            claim.take(need, too_large)
             img = decode_image(data, max_pixels=max_pixels)
             prepared = to_input(
                 img, max_side=options.max_side, multiple_of=contract.multiple_of, min_size=contract.min_size
             )
-            return prepared, Stage("decode", start, time.time_ns())
+        finally:
+            claim.thread_done()
+        return prepared, Stage("decode", start, time.time_ns())
 
+    try:
         prepared, decode = await state.in_pool(prepare)
         remaining = options.deadline - time.monotonic()
         if remaining <= 0:
@@ -162,6 +171,8 @@ async def _translate(data: bytes, served: ServedDirection, options: Options, sta
             return encode_image(image, options.fmt), Stage("encode", start, time.time_ns())
 
         content, encode = await state.in_pool(finish)
+    finally:
+        claim.close()
     width, height = prepared.orig_size
     started = submitted + round(result.queue_s * 1e9)  # the worker times the queue and the call from submission
     queue = Stage("queue", submitted, started)
