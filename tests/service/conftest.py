@@ -96,6 +96,14 @@ def tiny_model_copy(tiny_repo: Path, tmp_path: Path) -> Path:
     return dest
 
 
+@pytest.fixture(autouse=True)
+def one_instance_per_direction(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Most service tests build queues on purpose (a gated fake runner holds the one instance of a
+    direction), so they run with one instance per direction, servers started in a subprocess included.
+    The CPU default of two is tested in ``test_config.py`` and by the tests that run with it here."""
+    monkeypatch.setenv("DCLGAN_INSTANCES_PER_DEVICE", "1")
+
+
 @pytest.fixture
 def anyio_backend() -> str:
     """The async tests run on asyncio, the event loop the service runs on."""

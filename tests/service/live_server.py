@@ -70,6 +70,7 @@ def spawn_server(
         DCLGAN_MODELS_DIR=str(models),
         DCLGAN_PORT="0",
         DCLGAN_INTRA_OP_THREADS="1",
+        DCLGAN_INSTANCES_PER_DEVICE="1",  # gated runners hold a direction's one instance; override to test two
         DCLGAN_HOST="127.0.0.1",
     )
     env.update({f"DCLGAN_{key.upper()}": str(value) for key, value in settings.items()})

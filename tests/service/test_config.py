@@ -29,7 +29,7 @@ def test_defaults_match_the_documented_table() -> None:
     s = Settings()
     assert (s.models_dir, s.host, s.port, s.devices) == (Path("models"), "127.0.0.1", 8000, ["cpu"])
     assert (s.max_queue_delay_ms, s.queue_full_status, s.max_upload_bytes) == (0.0, 503, 10 * 1024 * 1024)
-    assert (s.instances_per_device, s.api_keys, s.cors_origins, s.metrics_require_auth) == (1, [], [], False)
+    assert (s.instances_per_device, s.api_keys, s.cors_origins, s.metrics_require_auth) == (2, [], [], False)
     assert s.require_gpu and s.log_level == "info" and s.max_queue_delay_s == 0.0
 
 
@@ -101,6 +101,16 @@ def test_the_batch_size_defaults_to_what_measured_best_on_each_device_kind() -> 
     assert Settings(devices=["cpu"]).max_batch_size == 1
     assert Settings(devices="cuda:0,cuda:1").max_batch_size == 8
     assert Settings(devices=["cuda:0"], max_batch_size=3).max_batch_size == 3
+
+
+def test_instances_default_to_what_measured_best_on_each_device_kind(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert Settings().instances_per_device == 2
+    assert Settings(devices="cpu,cuda:0").instances_per_device == 1
+    assert Settings(devices=["cuda:0"], instances_per_device=3).instances_per_device == 3
+    monkeypatch.setenv("DCLGAN_DEVICES", "cuda:0")
+    assert Settings().instances_per_device == 1
+    monkeypatch.setenv("DCLGAN_INSTANCES_PER_DEVICE", "4")
+    assert Settings().instances_per_device == 4
 
 
 @pytest.mark.parametrize(

@@ -247,3 +247,18 @@ async def test_nosniff_everywhere_and_a_hashed_csp_on_the_docs(repo: Path, fakes
     csp = docs.headers["content-security-policy"]
     assert f"'sha256-{digest}'" in csp and "default-src 'none'" in csp and "'unsafe-inline'" not in csp.split(";")[1]
     assert "script-src 'self'" in redoc.headers["content-security-policy"]
+
+
+async def test_by_default_a_cpu_direction_runs_two_requests_side_by_side(
+    repo: Path, fakes: Fakes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The CPU default is two instances per direction: a second request starts while the first still runs."""
+    monkeypatch.delenv("DCLGAN_INSTANCES_PER_DEVICE")
+    async with running_app(Settings(models_dir=repo), fakes.factory) as (_, client):
+        fakes.gate.clear()
+        both = [asyncio.ensure_future(client.post("/translate/a2b", **raw(png(seed=s)))) for s in (1, 2)]
+        await eventually(lambda: len(fakes.batches) == 2, what="both requests to be running at once")
+        fakes.gate.set()
+        assert [(await r).status_code for r in both] == [200, 200]
+        text = (await client.get("/metrics")).text
+    assert sample(text, "dclgan_instances", device="cpu") == 4  # two directions x two
