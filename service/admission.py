@@ -66,44 +66,53 @@ class MemoryBudget:
 
 
 class Abandoned(Exception):
-    """The coroutine a :class:`Claim` was made for has gone; the pool thread stops before decoding."""
+    """The coroutine a :class:`Claim` was made for has gone; a pool thread stops before touching the image."""
 
 
 class Claim:
-    """One image's reservation, made inside the pool thread that decodes it and released when both the
-    thread and the request's coroutine are done with it.
+    """One image's reservation, made inside the pool thread that decodes it and released once the request's
+    coroutine and every pool thread working on the image (decoding, then encoding) are done with it.
 
     Reserving in the thread saves the event loop a second hand-off per image (reading the header, then
-    decoding). But a cancelled coroutine (its client left) does not wait for its thread (anyio's
-    ``run_sync`` is interrupted at once), so whichever of the two finishes last gives the bytes back: the
-    budget never counts memory nobody holds, nor forgets memory a thread still decodes into.
+    decoding). But a cancelled coroutine (its client left) does not wait for its threads (anyio's
+    ``run_sync`` is interrupted at once), so whoever finishes last gives the bytes back: the budget never
+    counts memory nobody holds, nor forgets memory a thread still decodes or encodes into.
     """
 
     def __init__(self, budget: MemoryBudget) -> None:
         self._budget = budget
         self._lock = threading.Lock()
         self._nbytes = 0
-        self._in_thread = False
+        self._threads = 0
         self._closed = False
 
-    def take(self, nbytes: int, too_large: Exception) -> None:
-        """Reserve ``nbytes`` (in the pool thread, which must call :meth:`thread_done` afterwards).
+    @contextmanager
+    def in_thread(self) -> Iterator[None]:
+        """Wrap a pool thread's work on the image; the bytes stay reserved at least until it ends.
 
         Raises:
-            Abandoned: the coroutine has already closed the claim.
-            too_large, Overloaded: as :meth:`MemoryBudget.hold`.
+            Abandoned: the coroutine has already closed the claim (the work is not started).
         """
         with self._lock:
             if self._closed:
-                raise Abandoned("the request went away before its image was decoded")
-            self._budget.reserve(nbytes, too_large)
-            self._nbytes, self._in_thread = nbytes, True
+                raise Abandoned("the request went away before its image was processed")
+            self._threads += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._threads -= 1
+                self._give_back_if_unused()
 
-    def thread_done(self) -> None:
-        """The thread holds nothing of the image any more (it returned it, or failed)."""
+    def take(self, nbytes: int, too_large: Exception) -> None:
+        """Reserve ``nbytes``, from inside :meth:`in_thread`.
+
+        Raises:
+            too_large, Overloaded: as :meth:`MemoryBudget.hold`.
+        """
         with self._lock:
-            self._in_thread = False
-            self._give_back_if_unused()
+            self._budget.reserve(nbytes, too_large)
+            self._nbytes += nbytes
 
     def close(self) -> None:
         """The coroutine is done with the image (finished, failed or cancelled)."""
@@ -112,6 +121,6 @@ class Claim:
             self._give_back_if_unused()
 
     def _give_back_if_unused(self) -> None:
-        if self._closed and not self._in_thread and self._nbytes:
+        if self._closed and not self._threads and self._nbytes:
             self._budget.release(self._nbytes)
             self._nbytes = 0

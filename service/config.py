@@ -16,16 +16,19 @@ from pydantic import Field, SecretStr, ValidationError, field_validator, model_v
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from service.openvino_runner import choose
+from service.runtime import default_threads
 
 _DEVICE = re.compile(r"^(cpu|cuda:\d+)$")
 MiB = 1024 * 1024
 # Measured best per device kind (docs/benchmarks.md): on CPUs a batch costs ~9% more per image than
 # single images; on GPUs batches of 8 pay.
 CPU_MAX_BATCH_SIZE, GPU_MAX_BATCH_SIZE = 1, 8
-# Two CPU instances per direction: under load two one-thread runs side by side beat one run on all
-# the cores (1.28x the throughput at 64 px, 1.06x at 256 px with the bundled model), while a lone
-# request still runs on all of them (width-adaptive sessions), for ~170 MB more memory.
-CPU_INSTANCES, GPU_INSTANCES = 2, 1
+# Instances of each direction per device. On a CPU of at most 2 usable cores, two: under load two one-thread
+# runs side by side beat one run on both cores (1.28x the throughput at 64 px, 1.06x at 256 px with the
+# bundled model on 2 cores), while a lone request still runs on all of them (width-adaptive sessions), for
+# ~170 MB more memory. On more cores, one: the shared-out sessions are sized for every direction's instances
+# running at once, so two instances of one busy direction would leave half the cores idle.
+SMALL_CPU_INSTANCES, CPU_INSTANCES, GPU_INSTANCES = 2, 1, 1
 LogFormat = Literal["text", "json"]
 """``DCLGAN_LOG_FORMAT``: text lines for a terminal, or one JSON object per line (:mod:`service.logs`)."""
 
@@ -47,8 +50,17 @@ def _split_commas(value: object) -> object:
 
 
 def _devices_are_cpu(devices: object) -> bool:
-    listed = _split_commas(devices) if isinstance(devices, str) else devices
-    return isinstance(listed, list) and all(str(d).strip() == "cpu" for d in listed)
+    """Whether every listed device is the CPU; a malformed list is left to the ``devices`` validator, which
+    names the setting in its error."""
+    try:
+        listed = _split_commas(devices) if isinstance(devices, str) else devices
+    except ValueError:
+        return False
+    return isinstance(listed, list | tuple) and all(str(d).strip() == "cpu" for d in listed)
+
+
+def _cpu_instances() -> int:
+    return SMALL_CPU_INSTANCES if default_threads() <= 2 else CPU_INSTANCES
 
 
 class Settings(BaseSettings):
@@ -75,7 +87,7 @@ class Settings(BaseSettings):
         CPU_INSTANCES,
         ge=1,
         description="model instances (session + thread) of each direction per device (default 2 when every "
-        "device is a CPU, else 1)",
+        "device is a CPU with at most 2 usable cores, else 1)",
     )
     intra_op_threads: int = Field(
         0, ge=0, description="onnxruntime threads per CPU session (0: one per core)"
@@ -169,7 +181,7 @@ class Settings(BaseSettings):
         cpu = _devices_are_cpu(data.get("devices", "cpu"))
         defaults = {
             "max_batch_size": CPU_MAX_BATCH_SIZE if cpu else GPU_MAX_BATCH_SIZE,
-            "instances_per_device": CPU_INSTANCES if cpu else GPU_INSTANCES,
+            "instances_per_device": _cpu_instances() if cpu else GPU_INSTANCES,
         }
         unset = {name for name in defaults if data.get(name) in (None, "")}
         return {**{k: v for k, v in data.items() if k not in unset}, **{name: defaults[name] for name in unset}}

@@ -136,7 +136,7 @@ async def _translate(data: bytes, served: ServedDirection, options: Options, sta
         # work, less than a hand-off costs, and it must not run on the event loop (a JPEG can make
         # Pillow walk thousands of markers before its size).
         start = time.time_ns()
-        try:
+        with claim.in_thread():
             probe = probe_image(data, max_pixels=max_pixels)
             work_w, work_h = working_size(probe.width, probe.height, max_side=options.max_side)
             need = probe.decode_bytes(work_w * work_h)
@@ -149,8 +149,6 @@ async def _translate(data: bytes, served: ServedDirection, options: Options, sta
             prepared = to_input(
                 img, max_side=options.max_side, multiple_of=contract.multiple_of, min_size=contract.min_size
             )
-        finally:
-            claim.thread_done()
         return prepared, Stage("decode", start, time.time_ns())
 
     try:
@@ -164,11 +162,13 @@ async def _translate(data: bytes, served: ServedDirection, options: Options, sta
 
         def finish() -> tuple[bytes, Stage]:
             start = time.time_ns()
-            try:
-                image = from_output(result.output, prepared)
-            except ValueError as exc:  # wrong shape or NaN: the model is broken, not the request
-                raise InferenceFailed("the model returned an unusable output") from exc
-            return encode_image(image, options.fmt), Stage("encode", start, time.time_ns())
+            with claim.in_thread():
+                try:
+                    image = from_output(result.output, prepared)
+                except ValueError as exc:  # wrong shape or NaN: the model is broken, not the request
+                    raise InferenceFailed("the model returned an unusable output") from exc
+                content = encode_image(image, options.fmt)
+            return content, Stage("encode", start, time.time_ns())
 
         content, encode = await state.in_pool(finish)
     finally:

@@ -29,7 +29,7 @@ def test_defaults_match_the_documented_table() -> None:
     s = Settings()
     assert (s.models_dir, s.host, s.port, s.devices) == (Path("models"), "127.0.0.1", 8000, ["cpu"])
     assert (s.max_queue_delay_ms, s.queue_full_status, s.max_upload_bytes) == (0.0, 503, 10 * 1024 * 1024)
-    assert (s.instances_per_device, s.api_keys, s.cors_origins, s.metrics_require_auth) == (2, [], [], False)
+    assert (s.api_keys, s.cors_origins, s.metrics_require_auth) == ([], [], False)
     assert s.require_gpu and s.log_level == "info" and s.max_queue_delay_s == 0.0
 
 
@@ -104,13 +104,26 @@ def test_the_batch_size_defaults_to_what_measured_best_on_each_device_kind() -> 
 
 
 def test_instances_default_to_what_measured_best_on_each_device_kind(monkeypatch: pytest.MonkeyPatch) -> None:
-    assert Settings().instances_per_device == 2
+    """Two per direction on a CPU of at most 2 usable cores, one on larger CPUs and on GPUs."""
+    for cores, instances in ((1, 2), (2, 2), (3, 1), (16, 1)):
+        monkeypatch.setattr(service.config, "default_threads", lambda cores=cores: cores)
+        assert Settings().instances_per_device == instances, cores
+        assert Settings(devices=("cpu",)).instances_per_device == instances, cores
+    monkeypatch.setattr(service.config, "default_threads", lambda: 2)
     assert Settings(devices="cpu,cuda:0").instances_per_device == 1
     assert Settings(devices=["cuda:0"], instances_per_device=3).instances_per_device == 3
     monkeypatch.setenv("DCLGAN_DEVICES", "cuda:0")
     assert Settings().instances_per_device == 1
     monkeypatch.setenv("DCLGAN_INSTANCES_PER_DEVICE", "4")
     assert Settings().instances_per_device == 4
+
+
+def test_a_malformed_device_list_is_reported_under_its_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DCLGAN_DEVICES", "cpu,,")
+    monkeypatch.setenv("DCLGAN_MAX_BATCH_SIZE", "2")
+    monkeypatch.setenv("DCLGAN_INSTANCES_PER_DEVICE", "1")
+    with pytest.raises(ValidationError, match=r"(?m)^devices$"):  # the field named on its own line
+        Settings()
 
 
 @pytest.mark.parametrize(
