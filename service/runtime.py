@@ -17,7 +17,7 @@ import threading
 from collections import defaultdict
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
@@ -351,7 +351,16 @@ def open_runner(
     on_cpu = narrow.provider in (CPU, "CPU")  # onnxruntime's and OpenVINO's names (a GPU fallback included)
     if not config.all_cores_when_alone or not on_cpu or (config.intra_op_threads or cores) >= cores:
         return narrow
-    return WidthAdaptiveRunner(_open_one(model, direction, config, cores), narrow)
+    wide = _open_one(model, direction, config, cores)
+    if wide.precision != narrow.precision:
+        # A reduced precision passed its PSNR check in one session and fell back in the other: both run
+        # float32, so that what /models and the metrics report is what every run computes.
+        exact = replace(config, precision="float32")
+        if wide.precision != "float32":
+            wide = _open_one(model, direction, exact, cores)
+        if narrow.precision != "float32":
+            narrow = _open_one(model, direction, exact, config.intra_op_threads)
+    return WidthAdaptiveRunner(wide, narrow)
 
 
 def _open_one(

@@ -351,3 +351,27 @@ def test_all_cores_when_alone_opens_a_second_session_on_every_core(tiny_model: L
         RunnerConfig(engine=engine, all_cores_when_alone=True),  # type: ignore[arg-type]
     ]
     assert not any(isinstance(open_runner(tiny_model, "a2b", c), WidthAdaptiveRunner) for c in plain)
+
+
+@pytest.mark.parametrize("fell_back", ["wide", "narrow"])
+def test_when_one_session_of_a_pair_falls_back_to_float32_both_run_float32(
+    monkeypatch: pytest.MonkeyPatch, fell_back: str
+) -> None:
+    """bf16 verified in one session and refused in the other (its PSNR under the floor): the pair is reopened
+    in float32, so the precision /models reports is the one every run computes."""
+    opened: list[tuple[str, int | None]] = []
+
+    def open_one(model: Any, direction: str, config: RunnerConfig, threads: int | None) -> Any:
+        width = "wide" if threads == 2 else "narrow"
+        precision = "float32" if config.precision == "float32" or width == fell_back else "bfloat16"
+        opened.append((config.precision, threads))
+        return SimpleNamespace(provider="CPU", precision=precision, engine="openvino", device="cpu", psnr_db=None)
+
+    monkeypatch.setattr(runtime, "_open_one", open_one)
+    monkeypatch.setattr(runtime, "default_threads", lambda: 2)
+    config = RunnerConfig(precision="bfloat16", intra_op_threads=1, all_cores_when_alone=True)
+    runner = open_runner(None, "a2b", config)  # type: ignore[arg-type]
+    assert isinstance(runner, WidthAdaptiveRunner)
+    assert (runner.wide.precision, runner.narrow.precision, runner.precision) == ("float32",) * 3
+    kept_bf16_threads = 1 if fell_back == "wide" else 2  # the other session is reopened, once
+    assert opened == [("bfloat16", 1), ("bfloat16", 2), ("float32", kept_bf16_threads)]
