@@ -215,11 +215,13 @@ def png(width: int, height: int, seed: int) -> bytes:
     return buf.getvalue()
 
 
-def wait_for(check: Callable[[], Any], what: str, timeout_s: float, on_timeout: Callable[[], str]) -> Any:
+def wait_for(
+    check: Callable[[], Any], what: str, timeout_s: float, on_timeout: Callable[[], str], poll_s: float = 0.5
+) -> Any:
     deadline = time.monotonic() + timeout_s
     while not (result := check()):
         assert time.monotonic() < deadline, f"no {what} after {timeout_s:.0f} s\n{on_timeout()}"
-        time.sleep(0.5)
+        time.sleep(poll_s)
     return result
 
 
@@ -332,10 +334,7 @@ def test_docker_stop_drains_in_flight_work_and_exits_0(engine: Engine, container
     sender = threading.Thread(target=slow_request)
     sender.start()
     try:
-        deadline = time.monotonic() + 30
-        while not (inflight() or "response" in outcome):
-            assert time.monotonic() < deadline, f"no request in flight after 30 s: {outcome}"
-            time.sleep(0.05)
+        wait_for(lambda: inflight() or "response" in outcome, "request in flight", 30, lambda: str(outcome), 0.05)
         assert "response" not in outcome, "the request ended before the stop: nothing was drained"
         started = time.monotonic()
         engine.run("stop", "-t", str(STOP_GRACE_S), container.name, timeout=STOP_GRACE_S + 30)

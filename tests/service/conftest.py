@@ -99,8 +99,9 @@ def tiny_model_copy(tiny_repo: Path, tmp_path: Path) -> Path:
 @pytest.fixture(autouse=True)
 def one_instance_per_direction(monkeypatch: pytest.MonkeyPatch) -> None:
     """Most service tests build queues on purpose (a gated fake runner holds the one instance of a
-    direction), so they run with one instance per direction, servers started in a subprocess included.
-    The CPU default of two is tested in ``test_config.py`` and by the tests that run with it here."""
+    direction), so they run with one instance per direction (``live_server.spawn_server`` sets the same for
+    its subprocesses, whose environment it rebuilds). The 2-core CPU default of two is tested in
+    ``test_config.py`` and ``test_hardening.py``."""
     monkeypatch.setenv("DCLGAN_INSTANCES_PER_DEVICE", "1")
 
 
