@@ -143,6 +143,9 @@ class TrainConfig:
     print_freq: int = 10
     sample_freq: int = 400
     eval_every: int = 0  # iterations between validation FID/KID runs (0: never; needs data.val_size)
+    # Side at which validation translates the held-out images (None: the crop size). A model
+    # trained on crops of full-size photos (load 286) is only judged at its own scale at 256.
+    val_side: int | None = None
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -155,6 +158,8 @@ class TrainConfig:
             raise ValueError("eval_every must be >= 0")
         if self.eval_every and self.data.val_size < 2:
             raise ValueError("--eval-every needs a validation set: --val-size of at least 2 images per domain")
+        if self.val_side is not None and (self.val_side % 4 or self.val_side < 8):
+            raise ValueError("val_side must be a multiple of 4 and at least 8 (the generator's contract)")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -111,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
         "iterations between validation FID/KID runs on held-out images; keeps best.pt (0: never)",
         type=int,
     )
+    add(t, TrainConfig, "--val-side", "side validation translates held-out images at (None: --crop-size)", type=int)
     return p
 
 
@@ -135,6 +136,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         channels_last=args.channels_last,
         tf32=args.tf32,
         eval_every=args.eval_every,
+        val_side=args.val_side,
         threads=args.threads,
         device=args.device,
         save_latest_freq=args.save_latest_freq,

@@ -181,7 +181,11 @@ class Trainer:
             from training.validation import Validator  # imports the Inception network's loader
 
             self.validator = Validator(
-                self.dataset.val_a, self.dataset.val_b, cfg.data.crop_size, self.device, self.run_dir / "validation"
+                self.dataset.val_a,
+                self.dataset.val_b,
+                cfg.val_side or cfg.data.crop_size,
+                self.device,
+                self.run_dir / "validation",
             )
         self.tb = open_tensorboard(self.run_dir / "tensorboard") if self.is_main else None
         if resume:

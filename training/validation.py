@@ -2,7 +2,7 @@
 
 Users of the authors' code ask when to stop; this answers it with numbers. Every ``--eval-every``
 iterations the trainer translates the held-out trainA/trainB images (``--val-size`` per domain,
-picked by seed, never the test split) at the training crop size, and scores each direction's
+picked by seed, never the test split) at ``--val-side`` (default: the training crop size), and scores each direction's
 output against the held-out images of the target domain with the project's Inception features.
 
 ``best.pt`` is chosen on the **sum of the two KIDs**: KID is unbiased, so its value on ~100 images

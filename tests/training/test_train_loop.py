@@ -84,6 +84,21 @@ def test_best_checkpoint_follows_the_lowest_validation_score(tiny_dataroot, tmp_
     assert torch.load(trainer.run_dir / "best.pt", weights_only=True)["iteration"] == 4
 
 
+@pytest.mark.parametrize(("val_side", "expected"), [(None, 32), (24, 24)])
+def test_validation_translates_at_val_side_or_else_the_crop(tiny_dataroot, tmp_path, monkeypatch, val_side, expected):
+    from training import validation
+
+    sizes = []
+    monkeypatch.setattr(validation, "Validator", lambda a, b, size, device, cache: sizes.append(size))
+    Trainer(tiny_config(tiny_dataroot, tmp_path, eval_every=2, val_side=val_side, data=_val_data(tiny_dataroot)))
+    assert sizes == [expected]
+
+
+def test_val_side_keeps_the_generators_contract(tiny_dataroot, tmp_path):
+    with pytest.raises(ValueError, match="val_side"):
+        tiny_config(tiny_dataroot, tmp_path, eval_every=2, val_side=30, data=_val_data(tiny_dataroot))
+
+
 def _val_data(root) -> DataConfig:
     return DataConfig(dataroot=str(root), load_size=36, crop_size=32, num_workers=0, val_size=2)
 
