@@ -91,7 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-side",
         type=positive_int,
         default=None,
-        help="run at most this long side (output keeps the input size)",
+        help="run at most this long side (None: the model card's working_side, else the image's own size); "
+        "the output keeps the input size",
     )
     parser.add_argument(
         "--max-pixels", type=positive_int, default=DEFAULT_MAX_PIXELS, help="refuse larger images"

@@ -108,6 +108,12 @@ async function loadModels() {
     return;
   }
   const catalog = await response.json();
+  // The server works at the model's recommended side when it has one, capped by the server's max_side.
+  workingSides = new Map(
+    catalog.models.flatMap((model) =>
+      model.directions.map((d) => [d.name, Math.min(model.working_side ?? catalog.max_side, catalog.max_side)]),
+    ),
+  );
   fillDirections(
     catalog.models.flatMap((model) =>
       model.directions.map((d) => ({
@@ -116,9 +122,16 @@ async function loadModels() {
       })),
     ),
   );
-  ui.limits.textContent =
-    `Images with a side over ${catalog.max_side} px are translated at ${catalog.max_side} px ` +
-    "and scaled back to their own size.";
+  describeLimits();
+}
+
+let workingSides = new Map();
+
+function describeLimits() {
+  const side = workingSides.get(ui.direction.value);
+  ui.limits.textContent = side
+    ? `Images with a side over ${side} px are translated at ${side} px and scaled back to their own size.`
+    : "";
 }
 
 function choose(file) {
@@ -226,7 +239,10 @@ document.addEventListener("drop", (event) => {
 });
 
 ui.file.addEventListener("change", () => choose(ui.file.files[0]));
-ui.direction.addEventListener("change", updateButton);
+ui.direction.addEventListener("change", () => {
+  updateButton();
+  describeLimits();
+});
 ui.form.addEventListener("submit", translate);
 ui.apiKey.addEventListener("change", () => {
   const key = ui.apiKey.value.trim();

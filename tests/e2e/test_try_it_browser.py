@@ -21,9 +21,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from service.repository import ModelCard
 from tests.e2e.conftest import Server, run_server
 from tests.requires import require_module, unavailable
-from tests.service.conftest import ImageFactory
+from tests.service.conftest import TINY_MODEL, ImageFactory
 
 CHROMIUM = shutil.which("chromium")
 if CHROMIUM is None:
@@ -48,9 +49,19 @@ SIZE = (40, 28)
 FILE_INPUT = re.compile(r"\bchoose\b", re.IGNORECASE)  # the drop zone is the file input's label
 
 
+WORKING_SIDE = 32  # the card's recommended side: below the server's max_side, so the page must say it
+
+
 @pytest.fixture(scope="module")
 def server(tiny_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    with run_server(tiny_repo, tmp_path_factory.mktemp("try-it") / "server.log") as s:
+    """The server over a copy of the tiny model whose card recommends a working side."""
+    folder = tmp_path_factory.mktemp("try-it")
+    shutil.copytree(tiny_repo, folder / "models")
+    card = ModelCard.load(folder / "models" / TINY_MODEL)
+    card.model_copy(update={"input": card.input.model_copy(update={"working_side": WORKING_SIDE})}).write(
+        folder / "models" / TINY_MODEL
+    )
+    with run_server(folder / "models", folder / "server.log") as s:
         yield s
 
 
@@ -118,6 +129,16 @@ def test_an_uploaded_image_is_translated_shown_and_downloadable(
     assert Image.open(screenshot).size[0] > 0
     if os.environ.get("DCLGAN_UPDATE_SCREENSHOT") == "1":
         shutil.copyfile(screenshot, REPO_ROOT / "docs" / "try-it.png")
+
+
+def test_the_page_states_the_side_the_server_works_at(page: playwright.Page, server: Server) -> None:
+    catalog = server.get("/models").json()
+    assert catalog["models"][0]["working_side"] == WORKING_SIDE < catalog["max_side"]
+    page.get_by_label("Direction").select_option("b2a")
+    playwright.expect(page.locator("#limits")).to_have_text(
+        f"Images with a side over {WORKING_SIDE} px are translated at {WORKING_SIDE} px "
+        "and scaled back to their own size."
+    )
 
 
 def test_an_api_error_is_shown_in_words(page: playwright.Page, server: Server, tmp_path: Path) -> None:
