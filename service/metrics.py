@@ -101,7 +101,8 @@ def build_metrics(registry: CollectorRegistry) -> ServiceMetrics:
         images=Counter(
             "dclgan_images",
             "Images the service tried to translate, by outcome "
-            "(ok, bad_image, queue_full, deadline, not_ready, failed, cancelled)",
+            "(ok, bad_image, queue_full, overloaded, deadline, not_ready, failed, cancelled); a request refused "
+            "before its body is read counts once",
             ["direction", "outcome"],
             registry=registry,
         ),

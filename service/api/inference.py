@@ -85,7 +85,7 @@ class Translated:
         return next(s.seconds for s in self.stages if s.name == stage)
 
 
-def _outcome(exc: BaseException) -> str:
+def outcome(exc: BaseException) -> str:
     """The ``dclgan_images_total`` outcome label of a failure."""
     for kind, label in (
         (ImageError, "bad_image"),
@@ -106,23 +106,19 @@ async def translate(data: bytes, served: ServedDirection, options: Options, stat
     try:
         translated = await _translate(data, served, options, state)
     except BaseException as exc:
-        images.labels(served.name, _outcome(exc)).inc()
+        images.labels(served.name, outcome(exc)).inc()
         raise
     images.labels(served.name, "ok").inc()
     return translated
 
 
-def refuse_if_full(served: ServedDirection, state: AppState) -> None:
+def refuse_if_full(served: ServedDirection) -> None:
     """Refuse before the upload is even read: 503 ``not_ready`` while the direction has no healthy instance
-    (its runners hang past the batch limit; other directions are still served), ``QueueFull`` (counted)
-    when its queue is full."""
+    (its runners hang past the batch limit; other directions are still served), ``QueueFull`` when its queue
+    is full."""
     if not served.healthy:
         raise NotReady(f"direction {served.name} has no healthy model instance right now")
-    try:
-        served.batcher.ensure_room()
-    except QueueFull:
-        state.metrics.images.labels(served.name, "queue_full").inc()
-        raise
+    served.batcher.ensure_room()
 
 
 async def _translate(data: bytes, served: ServedDirection, options: Options, state: AppState) -> Translated:

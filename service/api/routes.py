@@ -10,16 +10,17 @@ import asyncio
 import base64
 import logging
 import time
-from contextlib import AbstractContextManager
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from service.api.deps import Direction, State, require_api_key, require_metrics_key
-from service.api.inference import Options, Translated, refuse_if_full, translate, unless_disconnected
+from service.api.inference import Options, Translated, outcome, refuse_if_full, translate, unless_disconnected
 from service.api.media import RAW_MEDIA_TYPES, Upload, choose_format, read_uploads
-from service.errors import ErrorPolicy, PayloadTooLarge, describe
+from service.errors import ErrorPolicy, NotReady, Overloaded, PayloadTooLarge, QueueFull, describe
 from service.generation import ServedDirection
 from service.imaging import MEDIA_TYPES, OutputFormat
 from service.runtime import file_variant
@@ -140,6 +141,23 @@ def _body_memory(request: Request, state: AppState) -> AbstractContextManager[No
     return state.budget.hold(2 * size, PayloadTooLarge(f"request bodies are limited to {cap} bytes"))
 
 
+@contextmanager
+def _admitted(request: Request, served: ServedDirection, state: AppState) -> Iterator[None]:
+    """Hold a translate request's place for as long as it runs: counted in flight, its body's memory reserved,
+    and room checked in its direction's queue, all before the upload is read (a refused 10 MiB upload costs
+    microseconds). A refusal here (503 ``not_ready``, ``overloaded``, or ``queue_full``) is counted once in
+    ``dclgan_images_total``: the body is never read, so its images are never known one by one."""
+    with ExitStack() as stack:
+        try:
+            stack.enter_context(state.admit())
+            stack.enter_context(_body_memory(request, state))
+            refuse_if_full(served)
+        except (NotReady, Overloaded, QueueFull) as exc:
+            state.metrics.images.labels(served.name, outcome(exc)).inc()
+            raise
+        yield
+
+
 def _record_timings(request: Request, outputs: list[Translated]) -> str:
     """Put each stage's time and the batch size in the access log, and the images for trace spans (when tracing
     is on: ``service.api.spans``); return the times as a ``Server-Timing`` header. For several images each
@@ -183,8 +201,7 @@ async def translate_image(
     timeout_ms: TimeoutHeader = None,
 ) -> Response:
     output_format = choose_format(fmt, request.headers.get("accept"))
-    with state.admit(), _body_memory(request, state):
-        refuse_if_full(served, state)  # an overload is refused before a 10 MiB upload is read
+    with _admitted(request, served, state):
         (upload,) = await read_uploads(request, field="image", max_files=1)
         options = _options(state, served, output_format, max_side, timeout_ms)
         out: Translated = await unless_disconnected(request, translate(upload.data, served, options, state))
@@ -214,8 +231,7 @@ async def translate_batch(
     max_side: MaxSideQuery = None,
     timeout_ms: TimeoutHeader = None,
 ) -> BatchResponse:
-    with state.admit(), _body_memory(request, state):
-        refuse_if_full(served, state)  # as for one image: no room, no reading 16 files
+    with _admitted(request, served, state):  # as for one image: no room, no reading 16 files
         uploads = await read_uploads(request, field="images", max_files=state.settings.max_batch_items)
         options = _options(state, served, fmt or "png", max_side, timeout_ms)
         jobs = asyncio.gather(

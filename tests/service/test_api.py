@@ -349,6 +349,8 @@ async def test_draining_refuses_new_work_and_readiness(repo: Path, fakes: Fakes)
         r = await c.post("/translate/a2b", **raw(png()))
         assert (r.status_code, r.json()["error"]) == (503, "not_ready")
         assert (await c.get("/healthz")).status_code == 200
+        text = (await c.get("/metrics")).text
+    assert sample(text, "dclgan_images_total", direction="a2b", outcome="not_ready") == 1
 
 
 async def test_startup_fails_on_an_empty_repository(tmp_path: Path, fakes: Fakes) -> None:
