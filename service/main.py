@@ -161,14 +161,13 @@ def create_app(settings: Settings | None = None, *, runner_factory: RunnerFactor
         )
     # FastAPIOffline serves its pages itself (its docs_url/redoc_url attributes are None): these are its paths.
     app.add_middleware(SecurityHeadersMiddleware, docs_paths=("/docs", "/redoc"))
-    app.add_middleware(
-        RequestContextMiddleware, metrics=state.metrics, policy=policy
-    )  # outermost: sees every response
-    app.include_router(translate_router)
-    app.include_router(router)
-    app.include_router(v2.router)  # KServe v2 health and metadata
-    app.include_router(admin.router)  # reload
-    app.include_router(page.router)  # the try-it page at /
+    # The translate routes, the rest, KServe v2 health and metadata, reload, the try-it page at /.
+    routers = (translate_router, router, v2.router, admin.router, page.router)
+    app.add_middleware(  # outermost: sees every response
+        RequestContextMiddleware, metrics=state.metrics, policy=policy, routes=[r for rs in routers for r in rs.routes]
+    )
+    for each in routers:
+        app.include_router(each)
     _customise_openapi(app, state)
     # OpenTelemetry traces when the OTEL_* variables name an OTLP endpoint (service/tracing.py); off, nothing runs.
     if (provider := tracer_provider()) is not None:

@@ -16,9 +16,11 @@ import logging
 import re
 import time
 import uuid
+from collections.abc import Sequence
 from typing import Any
 
 from starlette.datastructures import Headers, MutableHeaders
+from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.api.handlers import json_response
@@ -46,10 +48,13 @@ class RequestContextMiddleware:
     carries the request id and is counted.
     """
 
-    def __init__(self, app: ASGIApp, metrics: ServiceMetrics, policy: ErrorPolicy) -> None:
+    def __init__(
+        self, app: ASGIApp, metrics: ServiceMetrics, policy: ErrorPolicy, routes: Sequence[BaseRoute] = ()
+    ) -> None:
         self.app = app
         self.metrics = metrics
         self.policy = policy
+        self.routes = routes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -88,8 +93,7 @@ class RequestContextMiddleware:
                 record()
 
     def _record(self, scope: Scope, state: dict[str, Any], status: int, seconds: float) -> None:
-        route_obj = scope.get("route")
-        route = getattr(route_obj, "path", "unmatched")
+        route = self._route(scope)
         direction = str(state.get("direction", ""))
         self.metrics.requests.labels(route, direction, str(status)).inc()
         self.metrics.request_seconds.labels(route, direction).observe(seconds)
@@ -105,6 +109,16 @@ class RequestContextMiddleware:
             state["request_id"],
             extra=_access_fields(scope, state, route, status, seconds),
         )
+
+
+    def _route(self, scope: Scope) -> str:
+        """The route template that served the request. A request that middleware answered before routing (a
+        declared body over the cap: 413) is matched against ``routes`` here, so that it is counted under its
+        route rather than ``unmatched``; only the template is used, never the raw path (a bounded label)."""
+        route_obj = scope.get("route")
+        if route_obj is None:
+            route_obj = next((r for r in self.routes if r.matches(scope)[0] is Match.FULL), None)
+        return getattr(route_obj, "path", "unmatched")
 
 
 # Per-request facts the translate routes (and tracing) leave in the request state, logged as JSON fields when present.

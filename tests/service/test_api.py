@@ -187,8 +187,11 @@ async def test_more_pixels_than_the_limit_is_413(repo: Path, fakes: Fakes) -> No
 async def test_a_declared_body_over_the_limit_is_413_before_reading(repo: Path, fakes: Fakes) -> None:
     async with running_app(Settings(models_dir=repo, max_upload_bytes=1000), fakes.factory) as (_, c):
         r = await c.post("/translate/a2b", **raw(b"\0" * 1001))
+        text = (await c.get("/metrics")).text
     assert (r.status_code, r.json()["error"]) == (413, "payload_too_large")
     assert "1001" in r.json()["detail"] and r.headers["connection"] == "close"
+    # Answered before routing, but counted under its route (not "unmatched"), so per-route 413 rates see it.
+    assert sample(text, "dclgan_requests_total", route="/translate/{direction}", direction="", code="413") == 1
 
 
 async def test_a_streamed_body_over_the_limit_is_refused_without_reading_it_all(repo: Path, fakes: Fakes) -> None:
