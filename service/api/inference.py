@@ -22,7 +22,15 @@ from starlette.requests import Request
 
 from service.admission import Claim
 from service.batching import InferenceResult
-from service.errors import ClientDisconnected, DeadlineExceeded, InferenceFailed, NotReady, Overloaded, QueueFull
+from service.errors import (
+    ClientDisconnected,
+    DeadlineExceeded,
+    InferenceFailed,
+    MissingImage,
+    NotReady,
+    Overloaded,
+    QueueFull,
+)
 from service.generation import ServedDirection
 from service.imaging import (
     MEDIA_TYPES,
@@ -89,6 +97,7 @@ def outcome(exc: BaseException) -> str:
     """The ``dclgan_images_total`` outcome label of a failure."""
     for kind, label in (
         (ImageError, "bad_image"),
+        (MissingImage, "bad_image"),
         (QueueFull, "queue_full"),
         (DeadlineExceeded, "deadline"),
         (NotReady, "not_ready"),
@@ -122,6 +131,8 @@ def refuse_if_full(served: ServedDirection) -> None:
 
 
 async def _translate(data: bytes, served: ServedDirection, options: Options, state: AppState) -> Translated:
+    if not data:  # an empty file in a multipart field: say so, rather than "not a supported image"
+        raise MissingImage("the uploaded file is empty")
     contract = served.model.card.input
     max_pixels = state.settings.max_pixels
     served.batcher.ensure_room()  # an overload is refused in microseconds, not after a decode

@@ -64,7 +64,8 @@ async def _read_body(request: Request, field: str, max_files: int) -> list[Uploa
         return [Upload(filename=None, data=body)]
     raise UnsupportedMediaType(
         f"Content-Type {media or '(none)'!r} is not accepted: send multipart/form-data with the image in "
-        f"field {field!r}, or the raw image with Content-Type image/png, image/jpeg or image/webp"
+        f"field {field!r}, or the raw image (JPEG, PNG, WebP, BMP or TIFF) with Content-Type image/* or "
+        "application/octet-stream"
     )
 
 

@@ -135,6 +135,7 @@ BAD_REQUESTS = {
         "validation_error",
     ),
     "empty body": ("/translate/a2b", raw(b""), 422, "validation_error"),
+    "empty file": ("/translate/a2b", multipart(b""), 422, "validation_error"),
     "unknown direction": ("/translate/c2d", raw(png()), 404, "unknown_direction"),
     "bad format": ("/translate/a2b?format=gif", raw(png()), 422, "validation_error"),
     "bad max_side": ("/translate/a2b?max_side=2", raw(png()), 422, "validation_error"),
@@ -217,16 +218,17 @@ async def test_a_streamed_body_over_the_limit_is_refused_without_reading_it_all(
 
 
 async def test_batch_reports_a_status_per_image(client: httpx.AsyncClient) -> None:
-    images = [png((20, 10), seed=1), b"junk", png((9, 13), seed=2)]
+    images = [png((20, 10), seed=1), b"junk", png((9, 13), seed=2), b""]
     files = [("images", (f"{i}.png", data, "image/png")) for i, data in enumerate(images)]
     r = await client.post("/translate/a2b/batch?format=png", files=files)
     assert r.status_code == 200, r.text
     body = r.json()
     assert (body["model"], body["version"], body["direction"]) == ("tiny", "7", "a2b")
-    assert (body["succeeded"], body["failed"]) == (2, 1)
-    assert [item["status"] for item in body["results"]] == [200, 415, 200]
+    assert (body["succeeded"], body["failed"]) == (2, 2)
+    assert [item["status"] for item in body["results"]] == [200, 415, 200, 422]
     assert body["results"][1]["error"] == "unsupported_image" and body["results"][1]["image"] is None
-    for item, data in zip(body["results"][::2], images[::2], strict=True):
+    assert body["results"][3]["detail"] == "the uploaded file is empty"
+    for item, data in zip(body["results"][:3:2], images[:3:2], strict=True):
         import base64
 
         out = base64.b64decode(item["image"])
