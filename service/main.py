@@ -20,7 +20,6 @@ from typing import Any
 
 from anyio import CapacityLimiter, to_thread
 from fastapi import FastAPI
-from fastapi.middleware.cors import CORSMiddleware
 from fastapi_offline import FastAPIOffline
 from prometheus_client import CollectorRegistry
 
@@ -28,7 +27,12 @@ from service.admission import MemoryBudget
 from service.api import admin, page, v2
 from service.api.deps import is_loopback
 from service.api.handlers import install_error_handlers
-from service.api.middleware import BodyLimitMiddleware, RequestContextMiddleware, SecurityHeadersMiddleware
+from service.api.middleware import (
+    BodyLimitMiddleware,
+    JsonCORSMiddleware,
+    RequestContextMiddleware,
+    SecurityHeadersMiddleware,
+)
 from service.api.routes import router, translate_router
 from service.config import Settings, get_settings
 from service.errors import ErrorPolicy
@@ -153,7 +157,8 @@ def create_app(settings: Settings | None = None, *, runner_factory: RunnerFactor
     )
     if settings.cors_origins:
         app.add_middleware(
-            CORSMiddleware,
+            JsonCORSMiddleware,
+            policy=policy,
             allow_origins=settings.cors_origins,
             allow_methods=["GET", "POST"],
             allow_headers=["Authorization", "Content-Type", "Accept", "X-Request-ID", "X-Request-Timeout-Ms"],

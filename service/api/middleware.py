@@ -20,11 +20,13 @@ from collections.abc import Sequence
 from typing import Any
 
 from starlette.datastructures import Headers, MutableHeaders
+from starlette.middleware.cors import CORSMiddleware
+from starlette.responses import Response
 from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.api.handlers import json_response
-from service.errors import ErrorPolicy, PayloadTooLarge, RequestTimeout, describe
+from service.errors import ErrorPolicy, MalformedRequest, PayloadTooLarge, RequestTimeout, describe
 from service.metrics import ServiceMetrics
 
 access_log = logging.getLogger("service.access")
@@ -260,3 +262,22 @@ def docs_policy(html: bytes) -> str:
         "img-src 'self' data:; font-src 'self' data:; connect-src 'self'; worker-src 'self' blob:; "
         "base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
     )
+
+
+class JsonCORSMiddleware(CORSMiddleware):
+    """Starlette's CORS middleware, with its refused preflights (400, plain text "Disallowed CORS origin")
+    answered as the service's JSON error body, ``bad_request``, like every other error."""
+
+    def __init__(self, app: ASGIApp, policy: ErrorPolicy, **options: Any) -> None:
+        super().__init__(app, **options)
+        self.policy = policy
+
+    def preflight_response(self, request_headers: Headers) -> Response:
+        response = super().preflight_response(request_headers)
+        if response.status_code < 400:
+            return response
+        refused = json_response(describe(MalformedRequest(bytes(response.body).decode()), self.policy))
+        for name in ("vary", *(h for h in response.headers if h.startswith("access-control-"))):
+            if name in response.headers:
+                refused.headers[name] = response.headers[name]
+        return refused

@@ -297,6 +297,12 @@ async def test_cors_origins_are_configurable(repo: Path, fakes: Fakes) -> None:
     async with running_app(Settings(models_dir=repo, cors_origins=["https://app.example"]), fakes.factory) as (_, c):
         r = await c.options("/translate/a2b", headers=preflight)
         assert r.headers["access-control-allow-origin"] == "https://app.example"
+        # A refused preflight is a JSON error like every other, not Starlette's plain text.
+        r = await c.options("/translate/a2b", headers={**preflight, "origin": "https://evil.example"})
+        assert (r.status_code, r.json()) == (400, {"error": "bad_request", "detail": "Disallowed CORS origin"})
+        assert "access-control-allow-origin" not in r.headers
+        r = await c.options("/translate/a2b", headers={**preflight, "access-control-request-method": "PUT"})
+        assert (r.status_code, r.json()) == (400, {"error": "bad_request", "detail": "Disallowed CORS method"})
     async with running_app(Settings(models_dir=repo), fakes.factory) as (_, c):
         r = await c.options("/translate/a2b", headers=preflight)
         assert "access-control-allow-origin" not in r.headers
