@@ -84,12 +84,13 @@ def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
 
 
 def _image_body(field: str, *, many: bool) -> dict[str, Any]:
+    image = {**_BINARY, "minLength": 1}  # an empty body or file: 422 (in a batch: that item's own 422)
     multipart = {
         "type": "object",
         "required": [field],
-        "properties": {field: {"type": "array", "items": _BINARY, "minItems": 1} if many else _BINARY},
+        "properties": {field: {"type": "array", "items": _BINARY, "minItems": 1} if many else image},
     }
-    raw = {media: {"schema": {**_BINARY, "minLength": 1}} for media in RAW_MEDIA_TYPES}  # empty: 422
+    raw = {media: {"schema": image} for media in RAW_MEDIA_TYPES}
     return {
         "requestBody": {"required": True, "content": {"multipart/form-data": {"schema": multipart}, **raw}}
     }
