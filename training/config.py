@@ -49,8 +49,10 @@ class ModelConfig:
     lambda_sim: float | None = None
 
     def __post_init__(self) -> None:
-        if list(self.nce_layers) != sorted(self.nce_layers):
-            raise ValueError("nce_layers must be ascending")
+        if list(self.nce_layers) != sorted(self.nce_layers) or not self.nce_layers or self.nce_layers[0] < 0:
+            raise ValueError("nce_layers must be ascending layer indices >= 0")
+        if self.num_patches < 1 or self.nce_t <= 0:
+            raise ValueError("num_patches must be >= 1 and nce_T > 0 (PatchNCE divides by the temperature)")
         if self.model == "simdcl" and self.num_patches != 256:
             # The similarity heads read a (layers, 256 patches, netF_nc) stack, one channel per layer
             # (spec 9.1); the authors also fix netF_nc at 256, but the heads' weights do not depend on it.
@@ -119,6 +121,8 @@ class DataConfig:
             raise ValueError("load_size must be >= crop_size")
         if self.val_size < 0 or self.cache_mb < 0 or self.num_workers < 0:
             raise ValueError("val_size, cache_mb and num_workers must be >= 0")
+        if self.batch_size < 1:
+            raise ValueError("batch_size must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -156,6 +160,11 @@ class TrainConfig:
             raise ValueError("SimDCL needs --batch-size 1 and --crop-size >= 64")
         if self.eval_every < 0:
             raise ValueError("eval_every must be >= 0")
+        for name in ("print_freq", "sample_freq", "save_latest_freq", "save_epoch_freq"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1 (iterations or epochs between events)")
+        if self.n_epochs < 0 or self.n_epochs_decay < 0 or (self.max_iters is not None and self.max_iters < 0):
+            raise ValueError("n_epochs, n_epochs_decay and max_iters must be >= 0")
         if self.eval_every and self.data.val_size < 2:
             raise ValueError("--eval-every needs a validation set: --val-size of at least 2 images per domain")
         if self.val_side is not None and (self.val_side % 4 or self.val_side < 8):

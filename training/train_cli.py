@@ -190,8 +190,18 @@ def resumed_config(cli: TrainConfig, argv: list[str]) -> TrainConfig:
     if refused:
         names = ", ".join("--" + name.replace("_", "-") for name in refused)
         raise ValueError(f"--resume continues the run as it was configured; start a new run to change {names}")
-    stored = TrainConfig.from_dict(json.loads(path.read_text()))
-    changes = {name: getattr(cli, name) for name in ("max_iters", "threads", "device")}
+    try:
+        stored = TrainConfig.from_dict(json.loads(path.read_text()))
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"--resume: {path} is not a readable run configuration ({exc})") from exc
+    if "eval_every" in given and cli.eval_every and stored.data.val_size < 2:
+        raise ValueError(
+            "--eval-every: this run holds out no validation images (it started without --eval-every), and "
+            "images cannot be held out of a run half-way; start a new run with --eval-every to validate"
+        )
+    # The run is the folder given: a copied or moved run continues where it is now, never in the folder
+    # its config.json was first written to.
+    changes = {name: getattr(cli, name) for name in ("name", "checkpoints_dir", "max_iters", "threads", "device")}
     changes.update({name: getattr(cli, name) for name in RUN_CONTROL if name in given})
     local = cli.data
     data = replace(stored.data, dataroot=local.dataroot, num_workers=local.num_workers, cache_mb=local.cache_mb)
@@ -201,16 +211,34 @@ def resumed_config(cli: TrainConfig, argv: list[str]) -> TrainConfig:
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    from training.trainer import Trainer  # imports torch
+    # Imported here: they import torch, which --help does not need.
+    from training.metrics_fid import InceptionWeightsError
+    from training.trainer import Trainer, TrainingDiverged
 
     try:
         cfg = config_from_args(args)
         if args.resume:
             cfg = resumed_config(cfg, argv)
+        else:
+            refuse_to_overwrite(Path(cfg.checkpoints_dir) / cfg.name)
         trainer = Trainer(cfg, resume=args.resume)
-    except (DataError, ValueError, FileNotFoundError) as exc:
+        trainer.fit()
+    except (DataError, ValueError, FileNotFoundError, InceptionWeightsError) as exc:
         log.error("%s", exc)
         return 2
-    trainer.fit()
+    except TrainingDiverged as exc:
+        log.error("%s", exc)
+        return 1
     log.info("checkpoints in %s", trainer.run_dir)
     return 0
+
+
+def refuse_to_overwrite(run_dir: Path) -> None:
+    """A new run never starts over a folder holding a run's checkpoints: without ``--resume`` it would
+    overwrite ``latest.pt`` and trim the old run's log to nothing."""
+    held = sorted(p.name for p in run_dir.glob("*.pt")) if run_dir.is_dir() else []
+    if held:
+        raise ValueError(
+            f"{run_dir} already holds a run ({', '.join(held[:3])}): --resume continues it; "
+            "choose another --name (or --checkpoints-dir), or remove the folder to start over"
+        )

@@ -42,6 +42,14 @@ from training.task import OFFICIAL_NAMES, build_task, iter_official_state
 log = logging.getLogger(__name__)
 
 
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read, or holds networks other than the run's configuration builds."""
+
+
+class TrainingDiverged(RuntimeError):
+    """The logged losses stopped being finite numbers: training has diverged and further steps are waste."""
+
+
 def lr_multiplier(epoch: int, n_epochs: int, n_epochs_decay: int) -> float:
     """The authors' ``linear`` policy: full rate for n_epochs, then linear decay (spec 2).
 
@@ -56,7 +64,10 @@ def resolve_device(requested: str, local_rank: int) -> torch.device:
         requested = "cuda" if torch.cuda.is_available() else "cpu"
     if requested == "cuda":
         requested = f"cuda:{local_rank}"
-    return torch.device(requested)
+    device = torch.device(requested)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {requested}: no CUDA device is usable here (CPU-only PyTorch or no GPU visible)")
+    return device
 
 
 def native_bf16(device: torch.device) -> bool:
@@ -212,11 +223,19 @@ class Trainer:
     def _load(self, path: Path) -> None:
         if not path.is_file():
             raise FileNotFoundError(f"--resume: no checkpoint at {path}")
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        for name, sd in state["networks"].items():
-            getattr(self.task, OFFICIAL_NAMES[name]).load_state_dict(sd, strict=True)
-        for key, opt in zip("gdf", self.opt.all(), strict=True):
-            opt.load_state_dict(state["optimizers"][key])
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # truncated, empty or foreign bytes: torch raises several kinds
+            raise CheckpointError(f"--resume: {path} cannot be read ({type(exc).__name__}); it is damaged") from exc
+        try:
+            for name, sd in state["networks"].items():
+                getattr(self.task, OFFICIAL_NAMES[name]).load_state_dict(sd, strict=True)
+            for key, opt in zip("gdf", self.opt.all(), strict=True):
+                opt.load_state_dict(state["optimizers"][key])
+        except (KeyError, AttributeError, RuntimeError, ValueError, TypeError) as exc:
+            raise CheckpointError(
+                f"--resume: {path} does not hold this run's networks ({self.cfg.model.model}, as config.json says)"
+            ) from exc
         self.epoch, self.epoch_iter, self.iteration = state["epoch"], state["epoch_iter"], state["iteration"]
         self.skipped_images = state.get("skipped_images", 0)
         self.best_score = state.get("best_score", math.inf)
@@ -285,6 +304,12 @@ class Trainer:
         """
         names = sorted(window)
         means = (torch.stack([window[k] for k in names]).float() / count).tolist()
+        diverged = [k for k, v in zip(names, means, strict=True) if not math.isfinite(v)]
+        if diverged:
+            raise TrainingDiverged(
+                f"losses {', '.join(diverged)} became non-finite by iteration {self.iteration}; the checkpoints "
+                "on disk are from before and stay as they were (lower the learning rate, or check --nce-T and the data)"
+            )
         record = {
             "iteration": self.iteration,
             "epoch": self.epoch,
@@ -330,7 +355,13 @@ class Trainer:
         path = self.run_dir / "metrics.jsonl"
         if not (self.is_main and path.is_file()):
             return
-        kept = [ln for ln in path.read_text().splitlines() if json.loads(ln)["iteration"] <= self.iteration]
+        kept = []
+        for line in path.read_text().splitlines():
+            try:
+                if json.loads(line)["iteration"] <= self.iteration:
+                    kept.append(line)
+            except (ValueError, KeyError, TypeError):  # the half-written last line of a killed process
+                log.warning("dropping an unreadable line of %s: %.60s", path, line)
         atomic_write_text(path, "".join(ln + "\n" for ln in kept))
 
     @contextlib.contextmanager
@@ -386,7 +417,7 @@ class Trainer:
         count, seconds = 0, 0.0
         self.task.train()
         with self._stop_on_signals():
-            stopped = False
+            stopped = self._done()  # max_iters already reached (a resume at it): not one more step
             while self.epoch <= last_epoch and not stopped:
                 mult = self._set_lr()
                 bar = tqdm(

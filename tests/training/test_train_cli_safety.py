@@ -1,0 +1,140 @@
+"""`dclgan train` protects runs and answers mistakes with one line: the folder given is the run, a new run
+never starts over an old one, damaged files and divergence are reported, impossible settings are refused."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.training.conftest import tiny_config
+from training.config import DataConfig, ModelConfig
+from training.train_cli import main
+from training.trainer import Trainer, TrainingDiverged
+
+
+def tiny_args(dataroot: Path, checkpoints: Path, *extra: str, name: str = "run") -> list[str]:
+    return [
+        "--dataroot", str(dataroot), "--checkpoints-dir", str(checkpoints), "--name", name,
+        "--ngf", "4", "--ndf", "4", "--n-blocks", "1", "--netF-nc", "16", "--num-patches", "16",
+        "--load-size", "36", "--crop-size", "32", "--threads", "1", "--amp", "none",
+        "--n-epochs", "1", "--n-epochs-decay", "1", "--print-freq", "1", *extra,
+    ]  # fmt: skip
+
+
+def iteration_of(run_dir: Path) -> int:
+    return torch.load(run_dir / "latest.pt", map_location="cpu", weights_only=True)["iteration"]
+
+
+@pytest.fixture
+def trained(tiny_dataroot: Path, tmp_path: Path) -> Path:
+    """A finished 2-iteration run at ``tmp_path/ck/run``."""
+    assert main(tiny_args(tiny_dataroot, tmp_path / "ck", "--max-iters", "2")) == 0
+    return tmp_path / "ck" / "run"
+
+
+def test_resume_continues_the_run_in_the_folder_given_not_where_it_started(
+    trained: Path, tiny_dataroot: Path, tmp_path: Path
+) -> None:
+    copy = tmp_path / "elsewhere" / "copy"
+    shutil.copytree(trained, copy)
+    before = (trained / "latest.pt").read_bytes()
+    argv = ["--dataroot", str(tiny_dataroot), "--checkpoints-dir", str(copy.parent), "--name", "copy"]
+    assert main([*argv, "--resume", "--max-iters", "3"]) == 0
+    assert iteration_of(copy) == 3
+    assert (trained / "latest.pt").read_bytes() == before  # the original run is untouched
+
+
+def test_a_new_run_never_starts_over_an_existing_one(
+    trained: Path, tiny_dataroot: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    log_before = (trained / "metrics.jsonl").read_text()
+    assert main(tiny_args(tiny_dataroot, trained.parent, "--max-iters", "1")) == 2
+    assert "already holds a run" in caplog.text and "--resume" in caplog.text
+    assert iteration_of(trained) == 2 and (trained / "metrics.jsonl").read_text() == log_before
+
+
+def test_resume_at_max_iters_trains_no_further(trained: Path, tiny_dataroot: Path) -> None:
+    argv = ["--dataroot", str(tiny_dataroot), "--checkpoints-dir", str(trained.parent), "--name", "run"]
+    assert main([*argv, "--resume", "--max-iters", "2"]) == 0
+    assert iteration_of(trained) == 2
+
+
+@pytest.mark.parametrize("damage", [b"", b"not a checkpoint at all", "truncated"])
+def test_a_damaged_checkpoint_is_one_error_line(
+    trained: Path, tiny_dataroot: Path, caplog: pytest.LogCaptureFixture, damage: bytes | str
+) -> None:
+    latest = trained / "latest.pt"
+    latest.write_bytes(latest.read_bytes()[:200] if damage == "truncated" else damage)
+    argv = ["--dataroot", str(tiny_dataroot), "--checkpoints-dir", str(trained.parent), "--name", "run"]
+    assert main([*argv, "--resume"]) == 2
+    assert f"{latest} cannot be read" in caplog.text
+
+
+def test_a_half_written_log_line_does_not_stop_a_resume(trained: Path, tiny_dataroot: Path) -> None:
+    log = trained / "metrics.jsonl"
+    log.write_text(log.read_text() + '{"iteration": 3, "ep')  # a process killed mid-append
+    argv = ["--dataroot", str(tiny_dataroot), "--checkpoints-dir", str(trained.parent), "--name", "run"]
+    assert main([*argv, "--resume", "--max-iters", "3"]) == 0
+    iterations = [json.loads(line)["iteration"] for line in log.read_text().splitlines()]
+    assert iterations == [1, 2, 3]
+
+
+def test_validation_cannot_be_switched_on_for_a_run_without_held_out_images(
+    trained: Path, tiny_dataroot: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    argv = ["--dataroot", str(tiny_dataroot), "--checkpoints-dir", str(trained.parent), "--name", "run"]
+    assert main([*argv, "--resume", "--eval-every", "1"]) == 2
+    assert "holds out no validation images" in caplog.text and "start a new run" in caplog.text
+
+
+def test_non_finite_losses_stop_training_without_touching_the_checkpoints(
+    tiny_dataroot: Path, tmp_path: Path
+) -> None:
+    trainer = Trainer(tiny_config(tiny_dataroot, tmp_path))
+    window = {"d/a": torch.tensor(0.5), "g/nce_ab": torch.tensor(float("nan"))}
+    with pytest.raises(TrainingDiverged, match="g/nce_ab became non-finite"):
+        trainer._log_window(window, 1, 1.0, 0.1)
+    assert not (trainer.run_dir / "latest.pt").exists()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"print_freq": 0}, "print_freq must be >= 1"),
+        ({"save_latest_freq": 0}, "save_latest_freq must be >= 1"),
+        ({"max_iters": -1}, "max_iters must be >= 0"),
+    ],
+)
+def test_settings_that_cannot_train_are_refused(
+    tiny_dataroot: Path, tmp_path: Path, overrides: dict, message: str
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        tiny_config(tiny_dataroot, tmp_path, **overrides)
+
+
+@pytest.mark.parametrize(
+    ("config", "fields", "message"),
+    [
+        (ModelConfig, {"nce_t": 0.0}, "nce_T > 0"),
+        (ModelConfig, {"num_patches": 0}, "num_patches must be >= 1"),
+        (ModelConfig, {"nce_layers": (-1, 4)}, "layer indices >= 0"),
+        (DataConfig, {"batch_size": 0}, "batch_size must be >= 1"),
+    ],
+)
+def test_network_and_data_settings_that_cannot_train_are_refused(config: type, fields: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        config(**fields)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal where CUDA is absent")
+def test_a_cuda_device_without_cuda_is_one_error_line(
+    tiny_dataroot: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.ERROR)
+    assert main(tiny_args(tiny_dataroot, tmp_path, "--device", "cuda", "--max-iters", "1")) == 2
+    assert "no CUDA device is usable here" in caplog.text
