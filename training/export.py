@@ -15,18 +15,21 @@ import math
 import os
 import re
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from service.contract import atomic_write_bytes
 from service.repository import (
+    MODEL_JSON,
     DirectionSpec,
     InputContract,
     ModelCard,
+    ModelRepositoryError,
     OnnxFile,
     Provenance,
     sha256_file,
@@ -164,14 +167,17 @@ def export_model(
     version: str = "1",
     description: str = "",
     fp16: bool = False,
+    versioned: bool = False,
     parity_sizes: Sequence[tuple[int, int]] = PARITY_SIZES,
 ) -> ModelCard:
-    """Write ``out_root/name/`` with one ONNX file per direction (``generators`` maps
-    "G_A"/"G_B" to the A->B and B->A generators) and its model.json.
+    """Write ``out_root/name/`` (``out_root/name/version/`` when ``versioned``: the layout that serves
+    several versions side by side) with one ONNX file per direction (``generators`` maps "G_A"/"G_B" to
+    the A->B and B->A generators) and its model.json.
 
-    Raises ExportError if any ONNX file differs from PyTorch by more than 1e-4.
+    Raises ExportError if any ONNX file differs from PyTorch by more than 1e-4, or if the export would
+    replace another version or mix the repository's two layouts (see :func:`export_folder`).
     """
-    model_dir = out_root / name
+    model_dir = export_folder(out_root / name, version, versioned=versioned)
     model_dir.mkdir(parents=True, exist_ok=True)
     plan = (("G_A", domains[0], domains[1]), ("G_B", domains[1], domains[0]))
     directions = []
@@ -216,6 +222,33 @@ def export_model(
     return card
 
 
+def export_folder(model_root: Path, version: str, *, versioned: bool) -> Path:
+    """The folder an export of ``version`` writes. A re-export of the same version replaces it; another
+    version is never replaced silently, and the two layouts the service tells apart (one model.json in
+    place, or version folders) are never mixed, which it would refuse to start with."""
+    if versioned:
+        if "/" in version or version in ("", ".", ".."):
+            raise ExportError(f"version {version!r} cannot name a folder")
+        if (model_root / MODEL_JSON).is_file():
+            raise ExportError(
+                f"{model_root} holds one version in place (its model.json): move its files to "
+                f"{model_root}/<that version>/ first, or export without --versioned"
+            )
+        return model_root / version
+    if model_root.is_dir() and any((d / MODEL_JSON).is_file() for d in model_root.iterdir() if d.is_dir()):
+        raise ExportError(f"{model_root} holds version folders: export with --versioned to add {version} beside them")
+    try:
+        held = ModelCard.load(model_root).version if (model_root / MODEL_JSON).is_file() else version
+    except ModelRepositoryError:
+        held = version  # an unreadable card is replaced, as a failed export's leftovers are
+    if held != version:
+        raise ExportError(
+            f"{model_root} holds version {held}; exporting {version} there would replace it: --versioned keeps "
+            f"both ({model_root}/<version>/), or remove the folder first"
+        )
+    return model_root
+
+
 def _stage(model_dir: Path, name: str, data: bytes, staged: list[tuple[Path, Path]]) -> OnnxFile:
     """Check ``data`` with onnx.checker and write it under a temporary name beside its final one."""
     check_onnx(data)
@@ -241,6 +274,11 @@ def _common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--domains", nargs=2, required=True, metavar=("A", "B"), help="e.g. horse zebra")
     p.add_argument("--out", type=Path, default=Path("models"), help="model repository root")
     p.add_argument("--version", default="1", help="model version recorded in model.json and shown by /models")
+    p.add_argument(
+        "--versioned",
+        action="store_true",
+        help="write --out/NAME/VERSION/ (several versions served side by side) instead of --out/NAME/",
+    )
     p.add_argument(
         "--working-side",
         type=int,
@@ -277,6 +315,7 @@ def _run_export(args: argparse.Namespace, gens: dict[str, ResnetGenerator], prov
             version=args.version,
             description=args.description,
             fp16=args.fp16,
+            versioned=args.versioned,
         )
     except ExportError as exc:
         log.error("%s", exc)
@@ -296,14 +335,23 @@ def main(argv: list[str]) -> int:
         log.error("no checkpoint at %s", path)
         return 2
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = _read_torch_file(path)
         gens = {name: generator_from_state(state["networks"][name]) for name in ("G_A", "G_B")}
-    except (ExportError, KeyError, RuntimeError, OSError) as exc:
+    except (ExportError, KeyError, TypeError, RuntimeError, OSError) as exc:
         log.error("%s is not a usable training checkpoint: %s", path, exc)
         return 2
     cfg = state["config"]
     prov = {"model_type": cfg["model"]["model"], "iterations": state["iteration"], "source": "trained"}
     return _run_export(args, gens, prov, native=cfg["data"]["crop_size"])
+
+
+def _read_torch_file(path: Path, load: Callable[[Path], Any] | None = None) -> Any:
+    """``torch.load`` (weights only) or ``load``, with a damaged file reported as an ExportError: torch raises
+    a different exception for empty, truncated and foreign bytes."""
+    try:
+        return load(path) if load else torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ExportError(f"{path} cannot be read ({type(exc).__name__}); it is damaged or not a torch file") from exc
 
 
 def import_official_main(argv: list[str]) -> int:
@@ -326,8 +374,8 @@ def import_official_main(argv: list[str]) -> int:
         if not path.is_file():
             log.error("missing %s", path)
             return 2
-        state = load_state_file(path)
         try:
+            state = _read_torch_file(path, load=load_state_file)
             arch = infer_architecture(state)
             if args.ngf or args.n_blocks:
                 arch = GeneratorArch(

@@ -133,3 +133,41 @@ def test_a_failed_export_leaves_the_served_model_intact(tiny_run, tmp_path, monk
     after = {p.name: p.read_bytes() for p in (tmp_path / "tiny").iterdir()}
     assert after == before  # no staged leftovers, old files and card untouched
     load_model_dir(tmp_path / "tiny")  # still loads, SHA-256 verified
+
+
+def test_versions_are_never_replaced_silently_and_versioned_exports_serve_side_by_side(tiny_run, tmp_path, caplog):
+    from service.repository import scan_repository
+
+    args = ["--checkpoint", str(tiny_run.run_dir), "--model-name", "tiny", "--domains", "a", "b",
+            "--out", str(tmp_path / "flat")]  # fmt: skip
+    assert export_main(args) == 0
+    card = (tmp_path / "flat" / "tiny" / "model.json").read_text()
+    assert export_main([*args, "--version", "2"]) == 1  # would replace version 1
+    assert "holds version 1" in caplog.text and (tmp_path / "flat" / "tiny" / "model.json").read_text() == card
+    assert export_main([*args, "--version", "2", "--versioned"]) == 1  # would mix the two layouts
+    assert export_main(args) == 0  # the same version again: a re-export replaces it
+
+    versioned = ["--checkpoint", str(tiny_run.run_dir), "--model-name", "tiny", "--domains", "a", "b",
+                 "--out", str(tmp_path / "repo"), "--versioned"]  # fmt: skip
+    assert export_main([*versioned, "--version", "1"]) == 0
+    assert export_main([*versioned, "--version", "2"]) == 0
+    assert [m.version for m in scan_repository(tmp_path / "repo")] == ["1", "2"]
+    assert export_main([*versioned[:-1], "--version", "3"]) == 1  # a flat export beside version folders
+
+
+@pytest.mark.parametrize("content", [b"", b"\x00not a checkpoint", "truncated"])
+def test_a_damaged_checkpoint_is_one_error_line(tiny_run, tmp_path, caplog, content):
+    run = tmp_path / "run"
+    run.mkdir()
+    data = (tiny_run.run_dir / "latest.pt").read_bytes()
+    (run / "latest.pt").write_bytes(data[:300] if content == "truncated" else content)
+    args = ["--checkpoint", str(run), "--model-name", "m", "--domains", "a", "b", "--out", str(tmp_path / "out")]
+    assert export_main(args) == 2
+    assert "cannot be read" in caplog.text or "not a usable training checkpoint" in caplog.text
+    official = tmp_path / "official"
+    official.mkdir()
+    for name in ("G_A", "G_B"):
+        (official / f"latest_net_{name}.pth").write_bytes(b"0123456789")
+    args = ["--checkpoints-dir", str(official), "--model-name", "o", "--domains", "a", "b"]
+    assert import_official_main([*args, "--out", str(tmp_path / "o")]) == 1
+    assert f"{official / 'latest_net_G_A.pth'} cannot be read" in caplog.text
