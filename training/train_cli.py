@@ -229,6 +229,9 @@ def main(argv: list[str]) -> int:
     except TrainingDiverged as exc:
         log.error("%s", exc)
         return 1
+    except KeyboardInterrupt:  # a second SIGINT/SIGTERM (see Trainer._stop_on_signals), or one before training
+        log.error("interrupted; --resume continues from the last latest.pt")
+        return 130
     log.info("checkpoints in %s", trainer.run_dir)
     return 0
 

@@ -368,14 +368,21 @@ class Trainer:
     def _stop_on_signals(self) -> Iterator[None]:
         """SIGTERM/SIGINT ask the loop to stop after the current iteration and checkpoint.
 
-        A stopped run then loses at most one iteration and ``--resume`` continues it exactly.
+        A stopped run then loses at most one iteration and ``--resume`` continues it exactly. A second
+        signal stops at once, without a checkpoint (``latest.pt`` stays the last one written): for a user
+        who will not wait for a validation in progress, a minute or two.
         """
         if threading.current_thread() is not threading.main_thread():
             yield
             return
 
         def request_stop(signum: int, _frame: Any) -> None:
-            self.stop_signal = signal.Signals(signum).name
+            name = signal.Signals(signum).name
+            if self.stop_signal is not None:
+                log.warning("%s again: stopping now, without a checkpoint", name)
+                raise KeyboardInterrupt(name)
+            self.stop_signal = name
+            log.info("%s: stopping after this iteration with a checkpoint (again: stop at once, without)", name)
 
         previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
         try:

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
+import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -138,3 +141,16 @@ def test_a_cuda_device_without_cuda_is_one_error_line(
     caplog.set_level(logging.ERROR)
     assert main(tiny_args(tiny_dataroot, tmp_path, "--device", "cuda", "--max-iters", "1")) == 2
     assert "no CUDA device is usable here" in caplog.text
+
+
+def test_a_second_signal_stops_at_once_and_the_handlers_are_restored(tiny_dataroot: Path, tmp_path: Path) -> None:
+    trainer = Trainer(tiny_config(tiny_dataroot, tmp_path))
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(KeyboardInterrupt), trainer._stop_on_signals():
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.05)  # the handler runs between bytecodes of this thread
+        assert trainer.stop_signal == "SIGTERM"  # the first one only asks
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # interrupted here by the second
+        pytest.fail("the second signal did not stop at once")
+    assert signal.getsignal(signal.SIGTERM) is before
