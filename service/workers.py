@@ -91,6 +91,8 @@ class Instance:
         batch: the batch running now (``None`` when idle); ``batch_started`` its ``time.monotonic``.
         failed: why the instance is gone for good (its thread ended), else ``None``.
         stuck: its batch ran past the limit and the runner has not returned yet.
+        lock: guards ``batch`` and ``stuck`` together between the worker and the watchdog: unguarded, a
+            batch that returns just as the watchdog flags it left an idle instance stuck for good.
     """
 
     direction: DirectionPlan
@@ -103,6 +105,7 @@ class Instance:
     failed: str | None = None
     stuck: bool = False
     thread: threading.Thread | None = None
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
     def name(self) -> str:
@@ -311,8 +314,9 @@ class WorkerPool:
     def _run(self, inst: Instance, batch: Batch) -> None:
         """Run one batch and hand each item exactly its own output (or the batch's error)."""
         count = len(batch.items)
-        inst.batch_started = time.monotonic()
-        inst.batch = batch
+        with inst.lock:
+            inst.batch_started = time.monotonic()
+            inst.batch = batch
         start = time.perf_counter()
         try:
             outputs = inst.runner.run(batch.inputs())
@@ -343,9 +347,9 @@ class WorkerPool:
 
     @staticmethod
     def _batch_over(inst: Instance) -> None:
-        inst.batch = None
-        if inst.stuck:
-            inst.stuck = False
+        with inst.lock:
+            inst.batch, was_stuck, inst.stuck = None, inst.stuck, False
+        if was_stuck:
             ran_s = time.monotonic() - inst.batch_started
             logger.warning("%s returned after %.1f s and serves again", inst.name, ran_s)
 
@@ -355,10 +359,11 @@ class WorkerPool:
         while not self._stopping.wait(period):
             now = time.monotonic()
             for inst in self.instances:
-                batch = inst.batch
-                if batch is None or inst.stuck or now - inst.batch_started <= self.batch_timeout_s:
-                    continue
-                inst.stuck = True
+                with inst.lock:  # flag only the batch that is still running (see Instance.lock)
+                    batch = inst.batch
+                    if batch is None or inst.stuck or now - inst.batch_started <= self.batch_timeout_s:
+                        continue
+                    inst.stuck = True
                 logger.error(
                     "%s: a batch of %d has run for %.1f s, over the %.1f s limit; its requests fail and the "
                     "instance is unhealthy until it returns",

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import threading
+import time
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -364,3 +366,69 @@ def test_a_batch_over_the_time_limit_fails_with_504_and_marks_the_instance_stuck
     wait_until(lambda: serving(pool), what="the instance to recover")
     assert batcher.submit(image(1), timeout_s=60).result(30).batch_size == 1
     pool.stop(timeout_s=30)
+
+
+def test_a_batch_returning_as_the_watchdog_flags_it_never_leaves_an_idle_instance_stuck(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The interleaving that once put a direction out of service for good: the watchdog finds a batch over the
+    limit, and before it flags the instance the runner returns and the worker marks the instance idle. Forced
+    here: the watchdog's read of ``batch_started`` lets the runner go and waits (bounded) for the worker."""
+    from service import workers
+
+    release = threading.Event()
+    armed = threading.Event()
+    armed.set()
+
+    class Racy(workers.Instance):
+        @property  # type: ignore[override]
+        def batch_started(self) -> float:
+            started = self.__dict__.get("_started", 0.0)
+            if threading.current_thread().name == "dclgan-watchdog" and self.__dict__.get("batch") is not None:
+                if armed.is_set() and time.monotonic() - started > LIMIT_S:
+                    armed.clear()
+                    release.set()  # the runner returns now ...
+                    deadline = time.monotonic() + 0.5  # ... and the worker goes idle, unless a lock stops it
+                    while self.__dict__.get("batch") is not None and time.monotonic() < deadline:
+                        time.sleep(0.001)
+            return started
+
+        @batch_started.setter
+        def batch_started(self, value: float) -> None:
+            self.__dict__["_started"] = value
+
+    class Slow:
+        provider, engine, precision, psnr_db, device = FAKE_PROVIDER, "fake", "float32", None, "cpu"
+
+        def __init__(self) -> None:
+            self.warmed = False
+
+        def run(self, batch: np.ndarray) -> np.ndarray:
+            if self.warmed:
+                release.wait(30)
+            self.warmed = True
+            return -batch
+
+    LIMIT_S = 0.2
+    monkeypatch.setattr(workers, "Instance", Racy)
+    batcher = Batcher(max_batch_size=1, max_queue_size=4)
+    recorder = Recorder()
+    pool = WorkerPool(
+        [DirectionPlan("a2b", batcher, lambda device: Slow(), WARMUP)],
+        devices=["cpu"],
+        instances_per_device=1,
+        batch_timeout_s=LIMIT_S,
+        observer=recorder,
+    )
+    pool.start()
+    wait_until(lambda: pool.warm, what="warm-up")
+    future = batcher.submit(image(0), timeout_s=60)
+    with contextlib.suppress(BatchTimedOut):
+        future.result(30)
+    # The watchdog reports right after it flags the instance: from then on, only the worker may clear the flag.
+    wait_until(lambda: recorder.failures == [("a2b", "cpu", "timeout")], what="the watchdog to flag the batch")
+    wait_until(lambda: not pool.instances[0].busy, what="the batch to end")
+    wait_until(lambda: serving(pool), what="the instance to serve again", timeout_s=5)
+    assert not pool.instances[0].stuck
+    assert batcher.submit(image(1), timeout_s=60).result(30).batch_size == 1
+    pool.stop(timeout_s=5)
