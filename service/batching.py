@@ -27,6 +27,7 @@ This module owns no threads and knows nothing about onnxruntime or HTTP.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections import deque
@@ -126,10 +127,6 @@ class Batcher:
         if self._closed:
             raise NotReady("the service is shutting down")
         if len(self._queue) >= self.max_queue_size:
-            # Cancelled items leave lazily (when a worker looks); they must not hold places a live
-            # request could take while every worker is busy.
-            self._queue = deque(item for item in self._queue if not item.future.cancelled())
-        if len(self._queue) >= self.max_queue_size:
             raise QueueFull(f"the queue is full ({self.max_queue_size} images waiting); retry later")
 
     def submit(self, array: np.ndarray, *, timeout_s: float) -> Future[InferenceResult]:
@@ -146,7 +143,15 @@ class Batcher:
             self._queue.append(item)
             # notify_all: a worker waiting for company for another shape must not swallow the wake-up.
             self._cond.notify_all()
+        item.future.add_done_callback(lambda future: self._forget(item) if future.cancelled() else None)
         return item.future
+
+    def _forget(self, item: WorkItem) -> None:
+        """Take a cancelled item (its client left, or its deadline passed) off the queue at once: left there
+        until a worker looked, it held a queue place and its decoded image, which the request's memory
+        reservation no longer counts, for as long as every instance was busy."""
+        with self._cond, contextlib.suppress(ValueError):  # already taken by a worker, or never queued
+            self._queue.remove(item)
 
     def depth(self) -> int:
         """Items waiting (not yet running)."""
