@@ -59,6 +59,12 @@ class MemoryBudget:
                 raise Overloaded("the server is busy with other large requests; retry later")
             self._used += nbytes
 
+    def count(self, nbytes: int) -> None:
+        """Take ``nbytes`` whether or not they fit, until :meth:`release`: for memory already held that new
+        work must wait for (a response being sent), where a refusal would free nothing."""
+        with self._lock:
+            self._used += nbytes
+
     def release(self, nbytes: int) -> None:
         """Give back what :meth:`reserve` took."""
         with self._lock:

@@ -134,7 +134,9 @@ class Settings(BaseSettings):
         120.0, gt=0, description="a batch running longer fails its requests (504) and marks its instance unhealthy"
     )
     header_timeout_s: float = Field(10.0, gt=0, description="time a client has to send its request headers")
-    body_timeout_s: float = Field(60.0, gt=0, description="time a client has to send its whole request body")
+    body_timeout_s: float = Field(
+        60.0, gt=0, description="time a client has to send its whole request body, and to read its response"
+    )
     keep_alive_s: float = Field(5.0, gt=0, description="idle keep-alive connections are closed after this")
     max_connections: int = Field(
         512, ge=1, description="open connections at once; more are closed at once (file descriptors are finite)"

@@ -1,0 +1,61 @@
+"""A client that does not read its response: the bytes stay counted in the memory budget while unsent, and the
+client is cut off after ``body_timeout_s`` (a real server, a real socket with a small receive buffer)."""
+
+from __future__ import annotations
+
+import io
+import socket
+import time
+from pathlib import Path
+
+import numpy as np
+from live_server import run_server
+from PIL import Image
+from service_fakes import sample
+
+SIDE = 1600  # noise this large encodes to ~7.7 MB of PNG: more than the kernel's socket buffers take
+
+
+def noise_png(side: int) -> bytes:
+    pixels = np.random.default_rng(0).integers(0, 256, (side, side, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
+def test_an_unread_response_is_counted_until_the_client_is_cut_off(tiny_repo: Path, tmp_path: Path) -> None:
+    body = noise_png(SIDE)
+    with run_server(tiny_repo, tmp_path / "server.log", body_timeout_s=3, max_upload_bytes=16 * 2**20) as server:
+        host, port = server.url.removeprefix("http://").split(":")
+        client = socket.socket()
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connecting: a small window
+        client.connect((host, int(port)))
+        try:
+            head = (
+                f"POST /translate/a2b?max_side={SIDE} HTTP/1.1\r\nHost: {host}\r\nContent-Type: image/png\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n"
+            )
+            client.sendall(head.encode() + body)  # and never reads
+
+            def memory() -> float:
+                return sample(server.get("/metrics").text, "dclgan_request_memory_bytes")
+
+            def images_done() -> float:
+                return sample(server.get("/metrics").text, "dclgan_images_total", direction="a2b", outcome="ok")
+
+            server.wait_for(lambda: images_done() == 1, "the image to be translated")
+            time.sleep(0.5)  # past the route: its reservations are released, the response is being sent
+            assert memory() > 2**20, "the unsent response is not counted in the memory budget"
+            server.wait_for(lambda: memory() == 0, "the slow reader to be cut off", timeout_s=30)
+            client.settimeout(10)
+            received = b""
+            while chunk := client.recv(1 << 16):  # what was buffered, then the server's close
+                received += chunk
+            head, _, content = received.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 200")
+            fields = dict(line.split(b": ", 1) for line in head.split(b"\r\n")[1:])
+            length = int(fields[b"content-length"])
+            assert 0 < len(content) < length  # cut off before the whole response
+            assert "did not read its" in server.log.read_text()
+        finally:
+            client.close()
