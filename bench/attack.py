@@ -11,7 +11,8 @@ request still succeeded during the attack. Loopback only; the server is stopped 
 
 Attacks (issue 11): eight concurrent 48 KB 16-bit PNGs declaring 5000x5000; one ``/batch`` of eight of
 them; a 633-byte truncated JPEG declaring 5000x5000; half-sent request headers held open; a body
-trickled a byte a second; many connections each holding an unfinished 10 MiB body.
+trickled a byte a second; many connections each holding an unfinished 10 MiB body; clients that never
+read their (large) responses.
 """
 
 from __future__ import annotations
@@ -272,6 +273,55 @@ def attack_held_bodies(url: str, direction: str, count: int = 100, each: int = 1
     return {"connections": count, "send_failed": refused, "answered_early": answered, "normal_request_ok": during}
 
 
+def noise_png(side: int) -> bytes:
+    """Random pixels: the translation of such an image at its own size is a PNG of megabytes."""
+    pixels = np.random.default_rng(0).integers(0, 256, (side, side, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
+def attack_unread_responses(
+    url: str, direction: str, count: int = 12, side: int = 1448, hold_s: float = 20.0
+) -> dict[str, Any]:
+    """``count`` clients (receive buffers of 4 KiB) each ask for a ``side`` x ``side`` translation at that
+    size (responses of several MB, more than the kernel's socket buffers hold) and never read it."""
+    body = noise_png(side)
+    head = (
+        f"POST /translate/{direction}?max_side={side} HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    socks = []
+    for _ in range(count):
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        s.connect(_address(url))
+        s.sendall(head + body)
+        socks.append(s)
+    time.sleep(hold_s)
+    metrics = httpx.get(url + "/metrics", timeout=30).text
+    counted = re.search(r"^dclgan_request_memory_bytes (\S+)$", metrics, re.MULTILINE)
+    during = probe_ok(url, direction)
+    closed = 0
+    for s in socks:
+        s.setblocking(False)
+        try:
+            while s.recv(1 << 20):  # drain what the kernel holds: an empty read is the server's close
+                pass
+            closed += 1
+        except (BlockingIOError, OSError):
+            pass
+        s.close()
+    return {
+        "clients": count,
+        "upload_mb": round(len(body) / 2**20, 1),
+        "held_s": hold_s,
+        "budget_counted_mb": round(float(counted.group(1)) / 2**20, 1) if counted else None,
+        "closed_by_server": closed,
+        "normal_request_ok": during,
+    }
+
+
 ATTACKS: dict[str, Callable[[str, str], dict[str, Any]]] = {
     "8 concurrent 16-bit PNG bombs (5000x5000)": attack_bombs,
     "/batch of 8 PNG bombs": attack_batch,
@@ -279,6 +329,7 @@ ATTACKS: dict[str, Callable[[str, str], dict[str, Any]]] = {
     "1,100 half-sent request headers (fd limit 1,024)": attack_slow_headers,
     "body trickled 1 byte/s": attack_trickle,
     "100 unfinished 10 MiB bodies": attack_held_bodies,
+    "12 clients never reading a 1448x1448 translation": attack_unread_responses,
 }
 
 
