@@ -28,8 +28,10 @@ This module owns no threads and knows nothing about onnxruntime or HTTP.
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -143,13 +145,18 @@ class Batcher:
             self._queue.append(item)
             # notify_all: a worker waiting for company for another shape must not swallow the wake-up.
             self._cond.notify_all()
-        item.future.add_done_callback(lambda future: self._forget(item) if future.cancelled() else None)
+        # A weak reference: the item holds its future, which holds this callback; a strong one would make a
+        # cycle that keeps every input array alive until the garbage collector runs.
+        item.future.add_done_callback(functools.partial(self._forget, weakref.ref(item)))
         return item.future
 
-    def _forget(self, item: WorkItem) -> None:
+    def _forget(self, ref: weakref.ref[WorkItem], future: Future[InferenceResult]) -> None:
         """Take a cancelled item (its client left, or its deadline passed) off the queue at once: left there
         until a worker looked, it held a queue place and its decoded image, which the request's memory
         reservation no longer counts, for as long as every instance was busy."""
+        item = ref()
+        if item is None or not future.cancelled():
+            return
         with self._cond, contextlib.suppress(ValueError):  # already taken by a worker, or never queued
             self._queue.remove(item)
 
