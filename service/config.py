@@ -135,7 +135,10 @@ class Settings(BaseSettings):
     )
     header_timeout_s: float = Field(10.0, gt=0, description="time a client has to send its request headers")
     body_timeout_s: float = Field(
-        60.0, gt=0, description="time a client has to send its whole request body, and to read its response"
+        60.0,
+        gt=0,
+        description="time a client has to send its whole request body; also the longest a response waits for "
+        "the client to read",
     )
     keep_alive_s: float = Field(5.0, gt=0, description="idle keep-alive connections are closed after this")
     max_connections: int = Field(

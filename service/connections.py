@@ -13,6 +13,8 @@ the connection itself, below the ASGI app, which only sees a request once its he
   it is accepted, which is what protects the descriptors.
 * **JSON for malformed requests**: uvicorn's own 400 for an unparsable request is plain text; here
   it is the service's ``{"error": "bad_request", ...}`` body like every other error.
+* **an abort for an abandoned response**: closing a connection whose response was cut off drops the
+  unsent rest instead of waiting for a client that does not read (``_AbortIfIncomplete``).
 
 The body timeout lives in the app (``BodyLimitMiddleware``), where the body is read.
 """
@@ -48,7 +50,7 @@ class GuardedH11Protocol(H11Protocol):
         self._header_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
+        super().connection_made(_AbortIfIncomplete(transport, self))  # type: ignore[arg-type]
         if len(self.connections) > self.max_connections:
             logger.warning("closing a new connection: %d are open, the cap", len(self.connections) - 1)
             transport.close()
@@ -89,6 +91,30 @@ class GuardedH11Protocol(H11Protocol):
         if not self.transport.is_closing():
             logger.info("closing a connection whose request headers took over %.1f s", self.header_timeout_s)
             self.transport.close()
+
+
+class _AbortIfIncomplete:
+    """The connection's transport, except that closing it while a response is incomplete aborts it.
+
+    asyncio's ``close()`` first waits for the write buffer to drain, and a client that does not read never
+    lets it: uvicorn closes the connection of a response the app gave up on (a client that stopped reading,
+    see :mod:`service.api.responses`), and the socket, its descriptor and its place under ``max_connections``
+    stayed held for as long as the client liked. The unsent rest of a response nobody can use is dropped.
+    """
+
+    def __init__(self, transport: asyncio.Transport, protocol: H11Protocol) -> None:
+        self._transport = transport
+        self._protocol = protocol
+
+    def close(self) -> None:
+        cycle = self._protocol.cycle
+        if cycle is not None and not cycle.response_complete and self._transport.get_write_buffer_size():
+            self._transport.abort()
+        else:
+            self._transport.close()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
 
 
 def guarded_protocol(*, header_timeout_s: float, max_connections: int) -> type[GuardedH11Protocol]:

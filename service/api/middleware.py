@@ -91,7 +91,8 @@ class RequestContextMiddleware:
             await json_response(describe(exc, self.policy, rid))(scope, receive, send_wrapper)
         finally:
             if not recorded:  # the app never finished a response
-                status = 500 if status < 400 else status
+                # A client that stopped reading its response is the client's doing (499), not a server error.
+                status = 499 if state.get("client_stalled") else 500 if status < 400 else status
                 record()
 
     def _record(self, scope: Scope, state: dict[str, Any], status: int, seconds: float) -> None:

@@ -6,7 +6,7 @@ buffer at once, whether or not the client reads: 30 clients that never read thei
 1.36 GB beyond the budget, and kept their connections open past the keep-alive. Sent in chunks, each
 send waits while the transport's buffer is full, so an unread response costs its bytes and one buffer,
 and those bytes stay counted in the budget (admission refuses new work while they are held). A client
-that takes longer than ``timeout_s`` to read it is cut off.
+that reads nothing for ``timeout_s`` is cut off, and counted as 499 (it went away), not as a server error.
 """
 
 from __future__ import annotations
@@ -45,15 +45,17 @@ class PacedResponse(Response):
         self.budget.count(size)
         try:
             await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
-            async with asyncio.timeout(self.timeout_s):
-                body = memoryview(self.body)
-                for start in range(0, max(size, 1), CHUNK_BYTES):
-                    chunk = bytes(body[start : start + CHUNK_BYTES])
+            body = memoryview(self.body)
+            for start in range(0, max(size, 1), CHUNK_BYTES):
+                chunk = bytes(body[start : start + CHUNK_BYTES])
+                # A stall limit, as a web server's send timeout: a slow link that keeps reading is served.
+                async with asyncio.timeout(self.timeout_s):
                     await send({"type": "http.response.body", "body": chunk, "more_body": start + CHUNK_BYTES < size})
         except TimeoutError:
-            # The server closes a connection whose response was not completed: the client is cut off.
+            # The server then aborts the connection (service.connections): the client is cut off.
+            scope.setdefault("state", {})["client_stalled"] = True
             logger.warning(
-                "the client did not read its %d-byte response within %.0f s; closing the connection",
+                "the client read nothing of its %d-byte response for %.0f s; closing the connection",
                 size,
                 self.timeout_s,
             )
