@@ -246,11 +246,12 @@ async def translate_batch(
             *(translate(u.data, served, options, state) for u in uploads), return_exceptions=True
         )
         outcomes = await unless_disconnected(request, jobs)
-    _record_timings(request, [o for o in outcomes if isinstance(o, Translated)])
-    # The base64 and JSON of 16 images are tens of MB, a third of a second of CPU: built off the event loop.
-    body = await state.in_pool(
-        _batch_body, served, uploads, outcomes, state.policy, str(request.state.request_id)
-    )
+        _record_timings(request, [o for o in outcomes if isinstance(o, Translated)])
+        # The base64 and JSON of 16 images are tens of MB, a third of a second of CPU: built off the event
+        # loop, and still in flight (a drain waits for it).
+        body = await state.in_pool(
+            _batch_body, served, uploads, outcomes, state.policy, str(request.state.request_id)
+        )
     return PacedResponse(
         body, media_type="application/json", budget=state.budget, timeout_s=state.settings.body_timeout_s
     )

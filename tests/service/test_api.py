@@ -576,3 +576,29 @@ async def test_real_model_batched_outputs_equal_each_image_translated_alone(tiny
         prepared = to_input(decode_image(data, max_pixels=10**6), max_side=1024)
         alone = from_output(runner.run(prepared.array[None])[0], prepared)
         assert np.abs(pixels(response.content) - np.asarray(alone, dtype=np.int16)).max() <= 1
+
+
+async def test_a_batch_is_in_flight_until_its_response_body_is_built(
+    repo: Path, fakes: Fakes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A drain waits for in-flight requests: a /batch whose JSON is still being built (in the pool) counts."""
+    import threading
+
+    import service.api.routes as routes
+
+    building, release = threading.Event(), threading.Event()
+    real = routes._batch_body
+
+    def slow_body(*args: Any) -> bytes:
+        building.set()
+        release.wait(30)
+        return real(*args)
+
+    monkeypatch.setattr(routes, "_batch_body", slow_body)
+    async with running_app(Settings(models_dir=repo), fakes.factory) as (app, c):
+        job = asyncio.ensure_future(c.post("/translate/a2b/batch", files=[("images", ("a.png", png(), "image/png"))]))
+        await eventually(building.is_set, what="the body to be built")
+        assert state_of(app).inflight == 1
+        release.set()
+        assert (await job).status_code == 200
+        assert state_of(app).inflight == 0
