@@ -216,16 +216,21 @@ def main(argv: list[str]) -> int:
     from training.trainer import Trainer, TrainingDiverged
 
     try:
-        cfg = config_from_args(args)
-        if args.resume:
-            cfg = resumed_config(cfg, argv)
-        else:
-            refuse_to_overwrite(Path(cfg.checkpoints_dir) / cfg.name)
-        trainer = Trainer(cfg, resume=args.resume)
-        trainer.fit()
-    except (DataError, ValueError, FileNotFoundError, InceptionWeightsError) as exc:
-        log.error("%s", exc)
-        return 2
+        try:  # what is wrong with the command, its run folder or its checkpoint: one line, exit 2
+            cfg = config_from_args(args)
+            if args.resume:
+                cfg = resumed_config(cfg, argv)
+            else:
+                refuse_to_overwrite(Path(cfg.checkpoints_dir) / cfg.name)
+            trainer = Trainer(cfg, resume=args.resume)
+        except (DataError, ValueError, FileNotFoundError, InceptionWeightsError) as exc:
+            log.error("%s", exc)
+            return 2
+        try:  # while training only the data and the Inception weights are the user's; anything else is a bug
+            trainer.fit()
+        except (DataError, InceptionWeightsError) as exc:
+            log.error("%s", exc)
+            return 2
     except TrainingDiverged as exc:
         log.error("%s", exc)
         return 1

@@ -255,12 +255,24 @@ class Trainer:
 
     def save(self, label: str = "latest") -> None:
         """``<label>.pt`` plus the authors' ``<label>_net_<name>.pth`` (their epoch label is the bare number)."""
+        self._check_finite()
         if not self.is_main:
             return
         atomic_torch_save(self.state(), self.run_dir / f"{label}.pt")
         official_label = label.removeprefix("epoch_")
         for name, sd in iter_official_state(self.task):
             atomic_torch_save(sd, self.run_dir / f"{official_label}_net_{name}.pth")
+
+    def _check_finite(self) -> None:
+        """Raise :class:`TrainingDiverged` if a weight is NaN or infinite. Called before every checkpoint and
+        validation (one host sync each): losses are only read at log lines, and a checkpoint written between
+        two of them must not hold diverged weights."""
+        finite = torch.stack([torch.isfinite(p).all() for p in self.task.parameters()]).all()
+        if not bool(finite):
+            raise TrainingDiverged(
+                f"weights became non-finite by iteration {self.iteration}; no checkpoint was written from them "
+                "(lower the learning rate, or check the data)"
+            )
 
     # -- loop -----------------------------------------------------------------------------
     def _autocast(self) -> contextlib.AbstractContextManager:
@@ -307,8 +319,8 @@ class Trainer:
         diverged = [k for k, v in zip(names, means, strict=True) if not math.isfinite(v)]
         if diverged:
             raise TrainingDiverged(
-                f"losses {', '.join(diverged)} became non-finite by iteration {self.iteration}; the checkpoints "
-                "on disk are from before and stay as they were (lower the learning rate, or check --nce-T and the data)"
+                f"losses {', '.join(diverged)} became non-finite by iteration {self.iteration}; no checkpoint is "
+                "written from non-finite weights (lower the learning rate, or check the data)"
             )
         record = {
             "iteration": self.iteration,
@@ -330,6 +342,7 @@ class Trainer:
         """Validation FID/KID of both directions; keeps ``best.pt`` by the KID sum (see validation.py)."""
         if self.validator is None:
             return None
+        self._check_finite()  # a minute of FID on NaN weights tells nothing
         t0 = time.perf_counter()
         scores, grid = self.validator(self.task)
         cpu, wall = self._spent()
@@ -423,6 +436,7 @@ class Trainer:
         window: dict[str, torch.Tensor] = {}
         count, seconds = 0, 0.0
         self.task.train()
+        start = self.iteration
         with self._stop_on_signals():
             stopped = self._done()  # max_iters already reached (a resume at it): not one more step
             while self.epoch <= last_epoch and not stopped:
@@ -468,8 +482,8 @@ class Trainer:
                     self.epoch, self.epoch_iter = self.epoch + 1, 0
         if count:
             record = self._log_window(window, count, mult, seconds)
-        if cfg.eval_every and self.iteration % cfg.eval_every and self.stop_signal is None:
-            self.evaluate()  # the final weights are scored too, unless a signal asked us to hurry
+        if cfg.eval_every and self.iteration % cfg.eval_every and self.stop_signal is None and self.iteration > start:
+            self.evaluate()  # the final weights are scored too, unless a signal asked us to hurry or none trained
         self.save("latest")
         if self.tb:
             self.tb.close()

@@ -154,3 +154,40 @@ def test_a_second_signal_stops_at_once_and_the_handlers_are_restored(tiny_dataro
         time.sleep(5)  # interrupted here by the second
         pytest.fail("the second signal did not stop at once")
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_no_checkpoint_or_validation_is_made_from_non_finite_weights(tiny_dataroot: Path, tmp_path: Path) -> None:
+    trainer = Trainer(tiny_config(tiny_dataroot, tmp_path))
+    trainer.run_dir.mkdir(parents=True)
+    with torch.no_grad():
+        next(trainer.task.gen_ab.parameters()).view(-1)[0] = float("nan")
+    with pytest.raises(TrainingDiverged, match="no checkpoint was written"):
+        trainer.save("epoch_1")
+    assert not list(trainer.run_dir.iterdir())
+    trainer.validator = lambda task: pytest.fail("validated NaN weights")
+    with pytest.raises(TrainingDiverged):
+        trainer.evaluate()
+
+
+def test_a_resume_at_max_iters_does_not_validate_again(tiny_dataroot: Path, tmp_path: Path) -> None:
+    from tests.training.test_train_loop import ScriptedValidator, _val_data
+
+    cfg = tiny_config(tiny_dataroot, tmp_path, max_iters=3, eval_every=2, data=_val_data(tiny_dataroot))
+    trainer = Trainer(cfg)
+    trainer.validator = ScriptedValidator([0.5, 0.4])  # iteration 2, and the final weights at 3
+    trainer.fit()
+    resumed = Trainer(cfg, resume=True)
+    resumed.validator = ScriptedValidator([])  # any call fails: nothing is left to score
+    resumed.fit()
+    assert resumed.iteration == 3
+
+
+def test_an_error_while_training_is_not_reported_as_a_bad_setting(
+    tiny_dataroot: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(self: Trainer) -> None:
+        raise ValueError("a bug in the loop")
+
+    monkeypatch.setattr(Trainer, "fit", broken)
+    with pytest.raises(ValueError, match="a bug in the loop"):  # a traceback, not one line and exit 2
+        main(tiny_args(tiny_dataroot, tmp_path, "--max-iters", "1"))
