@@ -33,6 +33,7 @@ from service.repository import (
     OnnxFile,
     Provenance,
     sha256_file,
+    version_key,
 )
 from service.runtime import OnnxRunner, create_session
 from training.checkpoint import load_state_file
@@ -234,8 +235,15 @@ def export_folder(model_root: Path, version: str, *, versioned: bool) -> Path:
                 f"{model_root} holds one version in place (its model.json): move its files to "
                 f"{model_root}/<that version>/ first, or export without --versioned"
             )
+        key = version_key(version)
+        same = [d.name for d in _version_folders(model_root) if d.name != version and version_key(d.name) == key]
+        if same:
+            raise ExportError(
+                f"{model_root}: version {version!r} equals {same[0]!r} in natural order; the service could not "
+                "tell which is newer"
+            )
         return model_root / version
-    if model_root.is_dir() and any((d / MODEL_JSON).is_file() for d in model_root.iterdir() if d.is_dir()):
+    if _version_folders(model_root):
         raise ExportError(f"{model_root} holds version folders: export with --versioned to add {version} beside them")
     try:
         held = ModelCard.load(model_root).version if (model_root / MODEL_JSON).is_file() else version
@@ -247,6 +255,13 @@ def export_folder(model_root: Path, version: str, *, versioned: bool) -> Path:
             f"both ({model_root}/<version>/), or remove the folder first"
         )
     return model_root
+
+
+def _version_folders(model_root: Path) -> list[Path]:
+    """The version folders (each with a card) of a model folder in the versioned layout."""
+    if not model_root.is_dir():
+        return []
+    return [d for d in model_root.iterdir() if d.is_dir() and (d / MODEL_JSON).is_file()]
 
 
 def _stage(model_dir: Path, name: str, data: bytes, staged: list[tuple[Path, Path]]) -> OnnxFile:
@@ -376,6 +391,10 @@ def import_official_main(argv: list[str]) -> int:
             return 2
         try:
             state = _read_torch_file(path, load=load_state_file)
+        except ExportError as exc:
+            log.error("%s", exc)
+            return 2
+        try:
             arch = infer_architecture(state)
             if args.ngf or args.n_blocks:
                 arch = GeneratorArch(

@@ -151,6 +151,8 @@ def test_versions_are_never_replaced_silently_and_versioned_exports_serve_side_b
                  "--out", str(tmp_path / "repo"), "--versioned"]  # fmt: skip
     assert export_main([*versioned, "--version", "1"]) == 0
     assert export_main([*versioned, "--version", "2"]) == 0
+    assert export_main([*versioned, "--version", "01"]) == 1  # equal to 1 in natural order: the service refuses
+    assert "equals '1' in natural order" in caplog.text
     assert [m.version for m in scan_repository(tmp_path / "repo")] == ["1", "2"]
     assert export_main([*versioned[:-1], "--version", "3"]) == 1  # a flat export beside version folders
 
@@ -169,5 +171,6 @@ def test_a_damaged_checkpoint_is_one_error_line(tiny_run, tmp_path, caplog, cont
     for name in ("G_A", "G_B"):
         (official / f"latest_net_{name}.pth").write_bytes(b"0123456789")
     args = ["--checkpoints-dir", str(official), "--model-name", "o", "--domains", "a", "b"]
-    assert import_official_main([*args, "--out", str(tmp_path / "o")]) == 1
-    assert f"{official / 'latest_net_G_A.pth'} cannot be read" in caplog.text
+    assert import_official_main([*args, "--out", str(tmp_path / "o")]) == 2  # as export: a damaged input
+    path = official / "latest_net_G_A.pth"
+    assert f"{path} cannot be read" in caplog.text and f"{path}: {path}" not in caplog.text
