@@ -36,11 +36,25 @@ def strip_module_prefix(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Te
     return out
 
 
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read, or that holds something other than what its reader needs."""
+
+
+def read_checkpoint(path: Path) -> Any:
+    """``torch.load`` of a checkpoint, safely (weights only: no pickle execution). A damaged file is one
+    ``CheckpointError`` naming it: torch raises a different exception for empty, truncated and foreign bytes."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        kind = type(exc).__name__
+        raise CheckpointError(f"{path} cannot be read ({kind}); it is damaged or not a checkpoint") from exc
+
+
 def load_state_file(path: Path) -> dict[str, torch.Tensor]:
-    """Load one of the authors' ``*_net_*.pth`` state dicts safely (no pickle execution)."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    """Load one of the authors' ``*_net_*.pth`` state dicts."""
+    state = read_checkpoint(path)
     if not isinstance(state, Mapping):
-        raise ValueError(f"{path} does not hold a state dict")
+        raise CheckpointError(f"{path} does not hold a state dict")
     return strip_module_prefix(state)
 
 

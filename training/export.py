@@ -15,10 +15,9 @@ import math
 import os
 import re
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -36,7 +35,7 @@ from service.repository import (
     version_key,
 )
 from service.runtime import OnnxRunner, create_session
-from training.checkpoint import load_state_file
+from training.checkpoint import CheckpointError, load_state_file, read_checkpoint
 from training.nets import ResnetGenerator
 
 log = logging.getLogger(__name__)
@@ -350,23 +349,14 @@ def main(argv: list[str]) -> int:
         log.error("no checkpoint at %s", path)
         return 2
     try:
-        state = _read_torch_file(path)
+        state = read_checkpoint(path)
         gens = {name: generator_from_state(state["networks"][name]) for name in ("G_A", "G_B")}
-    except (ExportError, KeyError, TypeError, RuntimeError, OSError) as exc:
+    except (ExportError, CheckpointError, KeyError, TypeError, RuntimeError, OSError) as exc:
         log.error("%s is not a usable training checkpoint: %s", path, exc)
         return 2
     cfg = state["config"]
     prov = {"model_type": cfg["model"]["model"], "iterations": state["iteration"], "source": "trained"}
     return _run_export(args, gens, prov, native=cfg["data"]["crop_size"])
-
-
-def _read_torch_file(path: Path, load: Callable[[Path], Any] | None = None) -> Any:
-    """``torch.load`` (weights only) or ``load``, with a damaged file reported as an ExportError: torch raises
-    a different exception for empty, truncated and foreign bytes."""
-    try:
-        return load(path) if load else torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise ExportError(f"{path} cannot be read ({type(exc).__name__}); it is damaged or not a torch file") from exc
 
 
 def import_official_main(argv: list[str]) -> int:
@@ -390,8 +380,8 @@ def import_official_main(argv: list[str]) -> int:
             log.error("missing %s", path)
             return 2
         try:
-            state = _read_torch_file(path, load=load_state_file)
-        except ExportError as exc:
+            state = load_state_file(path)
+        except CheckpointError as exc:
             log.error("%s", exc)
             return 2
         try:

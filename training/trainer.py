@@ -33,17 +33,13 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from service.contract import atomic_write_text
-from training.checkpoint import atomic_torch_save, rng_state, set_rng_state
+from training.checkpoint import CheckpointError, atomic_torch_save, read_checkpoint, rng_state, set_rng_state
 from training.config import TrainConfig
 from training.data import UnalignedDataset, epoch_order, to_uint8
 from training.step import train_step
 from training.task import OFFICIAL_NAMES, build_task, iter_official_state
 
 log = logging.getLogger(__name__)
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be read, or holds networks other than the run's configuration builds."""
 
 
 class TrainingDiverged(RuntimeError):
@@ -223,10 +219,7 @@ class Trainer:
     def _load(self, path: Path) -> None:
         if not path.is_file():
             raise FileNotFoundError(f"--resume: no checkpoint at {path}")
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # truncated, empty or foreign bytes: torch raises several kinds
-            raise CheckpointError(f"--resume: {path} cannot be read ({type(exc).__name__}); it is damaged") from exc
+        state = read_checkpoint(path)
         try:
             for name, sd in state["networks"].items():
                 getattr(self.task, OFFICIAL_NAMES[name]).load_state_dict(sd, strict=True)
