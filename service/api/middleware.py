@@ -113,7 +113,6 @@ class RequestContextMiddleware:
             extra=_access_fields(scope, state, route, status, seconds),
         )
 
-
     def _route(self, scope: Scope) -> str:
         """The route template that served the request. A request that middleware answered before routing (a
         declared body over the cap: 413) is matched against ``routes`` here, so that it is counted under its
@@ -278,7 +277,7 @@ class JsonCORSMiddleware(CORSMiddleware):
         if response.status_code < 400:
             return response
         refused = json_response(describe(MalformedRequest(bytes(response.body).decode()), self.policy))
-        for name in ("vary", *(h for h in response.headers if h.startswith("access-control-"))):
-            if name in response.headers:
-                refused.headers[name] = response.headers[name]
+        for name, value in response.headers.items():
+            if name == "vary" or name.startswith("access-control-"):
+                refused.headers[name] = value
         return refused

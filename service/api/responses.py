@@ -45,9 +45,8 @@ class PacedResponse(Response):
         self.budget.count(size)
         try:
             await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
-            body = memoryview(self.body)
             for start in range(0, max(size, 1), CHUNK_BYTES):
-                chunk = bytes(body[start : start + CHUNK_BYTES])
+                chunk = self.body[start : start + CHUNK_BYTES]  # the body itself when it is one chunk: no copy
                 # A stall limit, as a web server's send timeout: a slow link that keeps reading is served.
                 async with asyncio.timeout(self.timeout_s):
                     await send({"type": "http.response.body", "body": chunk, "more_body": start + CHUNK_BYTES < size})
