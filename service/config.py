@@ -94,8 +94,9 @@ class Settings(BaseSettings):
     )
     engine: Literal["auto", "onnxruntime", "openvino"] = Field(
         "auto",
-        description="inference engine: `auto` (OpenVINO for CPU devices when installed, onnxruntime for GPUs), "
-        "`onnxruntime` or `openvino` (CPUs only; the `cpu-fast` extra)",
+        description="inference engine: `auto` (on CPU devices with OpenVINO installed, whichever of OpenVINO and "
+        "onnxruntime float32 is faster on a probe image at start; onnxruntime elsewhere), `onnxruntime` or "
+        "`openvino` (CPUs only; the `cpu-fast` extra)",
     )
     precision: Literal["auto", "float32", "float16", "bfloat16"] = Field(
         "float32",

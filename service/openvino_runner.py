@@ -89,8 +89,9 @@ def choose(engine: EngineName, precision: Precision, device: str) -> tuple[str, 
     """The (engine, precision) that ``engine`` and ``precision`` (either may be ``auto``) mean on ``device``.
 
     ``auto`` engine: OpenVINO on a CPU when it is installed, onnxruntime otherwise (and for GPUs and the
-    float16 files, which are made for GPUs). ``auto`` precision: bfloat16 where OpenVINO runs on a CPU with
-    native bf16, else float32.
+    float16 files, which are made for GPUs); where this says OpenVINO, :func:`service.runtime.open_runner`
+    times it against onnxruntime float32 and serves the faster. ``auto`` precision: bfloat16 where OpenVINO
+    runs on a CPU with native bf16, else float32.
 
     Raises:
         ValueError: a combination that cannot run as asked, in one line that says what to change.
@@ -159,9 +160,11 @@ class OpenVinoRunner:
         device: the configured device (``cpu``).
         precision: what it computes in: ``float32`` or ``bfloat16``.
         psnr_db: bf16's PSNR against float32 on the probe at start (kept after a fallback); None for float32.
+        probe_ms: set where engine ``auto`` chose this runner (see :func:`service.runtime.open_runner`).
     """
 
     engine = "openvino"
+    probe_ms: dict[str, float] | None = None
 
     def __init__(self, compiled: ov.CompiledModel, *, precision: Computed, psnr_db: float | None = None) -> None:
         self.compiled = compiled

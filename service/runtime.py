@@ -13,9 +13,11 @@ from __future__ import annotations
 import logging
 import os
 import re
+import statistics
 import threading
+import time
 from collections import defaultdict
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -233,11 +235,13 @@ class OnnxRunner:
         device: the device that was asked for.
         precision: the ONNX file it runs (float32 or float16).
         psnr_db: None: the file runs as exported, nothing is verified at start.
+        probe_ms: where engine ``auto`` chose between engines, each one's time on the probe (:func:`open_runner`).
         input_name, output_name: the graph's tensor names.
     """
 
     engine = "onnxruntime"
     psnr_db: float | None = None
+    probe_ms: dict[str, float] | None = None
 
     def __init__(
         self,
@@ -346,7 +350,8 @@ def open_runner(
     Raises:
         ValueError: an engine and precision that cannot run on the device (see ``choose``).
     """
-    narrow = _open_one(model, direction, config, config.intra_op_threads)
+    narrow, config = _open_fastest(model, direction, config, config.intra_op_threads)
+    probe_ms = narrow.probe_ms
     cores = default_threads()
     on_cpu = narrow.provider in (CPU, "CPU")  # onnxruntime's and OpenVINO's names (a GPU fallback included)
     if not config.all_cores_when_alone or not on_cpu or (config.intra_op_threads or cores) >= cores:
@@ -360,7 +365,120 @@ def open_runner(
             wide = _open_one(model, direction, exact, cores)
         if narrow.precision != "float32":
             narrow = _open_one(model, direction, exact, config.intra_op_threads)
+            narrow.probe_ms = probe_ms  # what chose the engine
     return WidthAdaptiveRunner(wide, narrow)
+
+
+@dataclass(frozen=True)
+class EngineChoice:
+    """What ``auto`` measured for one ONNX file: the engine to serve, and each ``engine:precision``'s median
+    time (ms) on the probe image (an engine that failed on this CPU has none)."""
+
+    engine: str
+    probe_ms: dict[str, float]
+
+
+# (file, file size and mtime, threads, precision asked for) -> the choice: the instances of a direction
+# share one measurement, and a reload that finds the same file does not measure again.
+_CHOICES: dict[tuple[str, int, int, int, str], EngineChoice] = {}
+_CHOICES_LOCK = threading.Lock()
+
+
+def time_on_probe(
+    runners: Mapping[str, Runner], probe: np.ndarray, *, rounds: int = 3, clock: Callable[[], float] = time.perf_counter
+) -> dict[str, float]:
+    """Each runner's median time (ms) on ``probe`` over ``rounds`` runs taken in turn, after one untimed run
+    each (a first run pays for lazy set-up). Taking turns makes a noisy machine slow each runner alike."""
+    for runner in runners.values():
+        runner.run(probe)
+    times: dict[str, list[float]] = {name: [] for name in runners}
+    for _ in range(rounds):
+        for name, runner in runners.items():
+            start = clock()
+            runner.run(probe)
+            times[name].append((clock() - start) * 1000)
+    return {name: statistics.median(ms) for name, ms in times.items()}
+
+
+def _open_fastest(
+    model: LoadedModel, direction: str, config: RunnerConfig, threads: int | None
+) -> tuple[OnnxRunner | OpenVinoRunner, RunnerConfig]:
+    """The runner ``config`` asks for, and ``config`` with ``auto`` replaced by the engine that was chosen.
+
+    Engine ``auto`` on a CPU with OpenVINO installed (see ``choose``) is a measurement, not an assumption:
+    OpenVINO (in bf16 where it was chosen) and onnxruntime float32 are both opened at ``threads`` and timed
+    on the probe image, and the faster one is served; an engine that cannot open or run the model here
+    (OpenVINO's kernels on some CPUs) leaves the other, with a warning. Why: OpenVINO was the faster on
+    every CPU measured (docs/benchmarks.md), but not every CPU this may run on was measured (AVX2-only x86,
+    ARM), and with its kernels capped below AVX2 it could not run the generator at all.
+    """
+    from service.openvino_runner import choose
+
+    if config.engine != "auto" or config.precision not in ("auto", "float32"):
+        return _open_one(model, direction, config, threads), config  # named, or only one engine computes it
+    if choose(config.engine, config.precision, config.device)[0] != "openvino":
+        return _open_one(model, direction, config, threads), config
+    path = model.path(direction, "float32")
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns, threads or default_threads(), config.precision)
+    runner: OnnxRunner | OpenVinoRunner | None = None
+    with _CHOICES_LOCK:
+        choice = _CHOICES.get(key)
+        if choice is None:
+            measured = _measure(model, direction, config, threads)
+            if measured is None:
+                return _open_one(model, direction, config, threads), config
+            choice, runner = measured
+            _CHOICES[key] = choice
+    resolved = replace(config, engine=choice.engine)  # type: ignore[arg-type]
+    if choice.engine == "onnxruntime":
+        resolved = replace(resolved, precision="float32")
+    if runner is None:
+        runner = _open_one(model, direction, resolved, threads)
+    runner.probe_ms = dict(choice.probe_ms)
+    return runner, resolved
+
+
+def _measure(
+    model: LoadedModel, direction: str, config: RunnerConfig, threads: int | None
+) -> tuple[EngineChoice, OnnxRunner | OpenVinoRunner] | None:
+    """Open both engines, time them on the probe image, and return the choice with the faster runner.
+
+    An engine that fails to open or to run the probe is left out, with one warning; if both fail, the model
+    itself cannot run at its own size on any engine, so None: the caller opens it as before and the
+    warm-up reports the error (a measurement must not change how a broken model fails).
+    """
+    from service.openvino_runner import probe_input
+
+    probe = probe_input(native_side(model.card.input))
+    runners: dict[str, OnnxRunner | OpenVinoRunner] = {}
+    failures: dict[str, str] = {}
+    for engine, tried in (
+        ("openvino", replace(config, engine="openvino")),
+        ("onnxruntime", replace(config, engine="onnxruntime", precision="float32")),
+    ):
+        try:
+            runner = _open_one(model, direction, tried, threads)
+            runner.run(probe)
+        except Exception as e:  # OpenVINO's kernels may not run this model on this CPU (docs/benchmarks.md)
+            failures[engine] = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+            continue
+        runners[f"{engine}:{runner.precision}"] = runner
+    if not runners:
+        return None
+    probe_ms = time_on_probe(runners, probe)
+    fastest = min(probe_ms, key=probe_ms.__getitem__)
+    for engine, reason in failures.items():
+        logger.warning("%s %s: engine auto: %s failed on the probe image (%s): %s serves", model.name, direction,
+                       engine, reason, fastest)  # fmt: skip
+    logger.info(
+        "%s %s: engine auto chose %s on the probe image (%s)",
+        model.name,
+        direction,
+        fastest,
+        ", ".join(f"{name} {ms:.1f} ms" for name, ms in probe_ms.items()),
+    )
+    return EngineChoice(fastest.partition(":")[0], probe_ms), runners[fastest]
 
 
 def _open_one(
@@ -419,6 +537,7 @@ class WidthAdaptiveRunner:
         self.device = wide.device
         self.precision: str = wide.precision
         self.psnr_db = wide.psnr_db
+        self.probe_ms = narrow.probe_ms
 
     def run(self, batch: np.ndarray) -> np.ndarray:
         """The wide runner's result when no other CPU run is in progress, else the narrow one's."""

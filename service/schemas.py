@@ -23,6 +23,10 @@ class InstanceInfo(BaseModel):
         description="PSNR (dB) of the reduced precision against float32 on a probe image at start (kept when it fell "
         "below the floor and float32 is served); null when nothing was reduced"
     )
+    probe_ms: dict[str, float] | None = Field(
+        description="engine `auto` on a CPU: each engine's median time (ms) on a probe image at start, measured in "
+        "turn; the faster one serves. null when the engine was named or only one could run"
+    )
     warm: bool = Field(description="the instance has run its warm-up batch")
 
 

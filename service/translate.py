@@ -54,7 +54,8 @@ def add_engine_options(parser: argparse.ArgumentParser) -> None:
         "--engine",
         choices=get_args(EngineName),
         default="auto",
-        help="auto (default): OpenVINO on a CPU when installed, else onnxruntime",
+        help="auto (default): on a CPU with OpenVINO installed, the faster of it and onnxruntime on a probe "
+        "image; else onnxruntime",
     )
     parser.add_argument(
         "--precision",

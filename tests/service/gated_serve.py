@@ -24,7 +24,7 @@ PROVIDER = "GatedExecutionProvider"
 
 class GatedRunner:
     provider = PROVIDER
-    engine, precision, psnr_db = "gated", "float32", None
+    engine, precision, psnr_db, probe_ms = "gated", "float32", None, None
 
     def __init__(self, gate: Path, device: str) -> None:
         self.gate, self.device = gate, device

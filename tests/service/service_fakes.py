@@ -71,7 +71,7 @@ class FakeDevice(ABC):
     call is the warm-up. Subclasses say what a call computes."""
 
     provider = FAKE_PROVIDER
-    engine, precision, psnr_db = "fake", "float32", None
+    engine, precision, psnr_db, probe_ms = "fake", "float32", None, None
     warmed = False
 
     def run(self, batch: np.ndarray) -> np.ndarray:

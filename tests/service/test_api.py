@@ -518,6 +518,7 @@ async def test_models_lists_directions_versions_and_where_they_run(client: httpx
         "engine": "fake",
         "precision": "float32",
         "psnr_db": None,
+        "probe_ms": None,
         "warm": True,
     }
 

@@ -13,6 +13,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ import numpy as np
 import pytest
 from service_fakes import running_app, sample
 
-from service import openvino_runner
+from service import openvino_runner, runtime
 from service.config import Settings
 from service.imaging import decode_image
 from service.openvino_runner import OpenVinoRunner, choose, cpu_flags, native_bf16, probe_input, psnr_db
@@ -33,6 +34,7 @@ from service.runtime import (
     default_threads,
     open_runner,
     threads_per_session,
+    time_on_probe,
 )
 from service.translate import main as translate_main
 from tests.requires import require_module
@@ -241,6 +243,121 @@ def test_cpu_flags_parse_linux_cpuinfo(tmp_path: Path) -> None:
     assert cpu_flags(tmp_path / "missing") == frozenset()
 
 
+# --- engine auto: measured at start --------------------------------------------------------------------
+
+
+class _Timed:
+    """A runner whose runs cost ``costs_ms`` in turn on a fake clock; it records the order of runs."""
+
+    def __init__(self, name: str, costs_ms: list[float], clock: list[float], order: list[str]) -> None:
+        self.name, self.costs_ms, self.clock, self.order = name, iter(costs_ms), clock, order
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        self.clock[0] += next(self.costs_ms) / 1000
+        self.order.append(self.name)
+        return batch
+
+
+def test_time_on_probe_takes_turns_and_reports_medians() -> None:
+    clock, order = [0.0], []  # type: ignore[var-annotated]
+    runners = {"a": _Timed("a", [90, 10, 30, 9], clock, order), "b": _Timed("b", [70, 4, 5, 40], clock, order)}
+    ms = time_on_probe(runners, probe_input(8), rounds=3, clock=lambda: clock[0])
+    assert ms == pytest.approx({"a": 10.0, "b": 5.0})  # the first, untimed run of each is left out
+    assert order == ["a", "b"] * 4
+
+
+@pytest.fixture
+def fresh_choices(monkeypatch: pytest.MonkeyPatch) -> dict[Any, Any]:
+    """An empty cache of engine choices, so that each test measures."""
+    choices: dict[Any, Any] = {}
+    monkeypatch.setattr(runtime, "_CHOICES", choices)
+    return choices
+
+
+@pytest.mark.parametrize("slow", ["openvino", "onnxruntime"])
+def test_auto_serves_the_engine_that_was_faster_on_the_probe(
+    tiny_model: LoadedModel, ov_installed: Any, fresh_choices: Any, monkeypatch: pytest.MonkeyPatch, slow: str
+) -> None:
+    """Whichever engine is slower on this CPU is not served, in either session of a width-adaptive pair, and
+    the choice is measured once per file: a second instance reuses it."""
+    slow_class = OpenVinoRunner if slow == "openvino" else OnnxRunner
+    slow_run = slow_class.run
+    timings: list[str] = []
+
+    def run_slowly(self: Any, batch: np.ndarray) -> np.ndarray:
+        time.sleep(0.03)  # ~30x the tiny model's own time
+        return slow_run(self, batch)
+
+    def counted(*args: Any, **kwargs: Any) -> dict[str, float]:
+        timings.append("timed")
+        return time_on_probe(*args, **kwargs)
+
+    monkeypatch.setattr(slow_class, "run", run_slowly)
+    monkeypatch.setattr(runtime, "time_on_probe", counted)
+    monkeypatch.setattr(runtime, "default_threads", lambda: 2)
+    config = RunnerConfig(engine="auto", precision="float32", intra_op_threads=1, all_cores_when_alone=True)
+    first, second = (open_runner(tiny_model, "a2b", config) for _ in range(2))
+    fast = "onnxruntime" if slow == "openvino" else "openvino"
+    for runner in (first, second):
+        assert isinstance(runner, WidthAdaptiveRunner)
+        assert (runner.engine, runner.wide.engine, runner.narrow.engine) == (fast, fast, fast)
+        ms = runner.probe_ms
+        assert ms is not None and ms[f"{slow}:float32"] > ms[f"{fast}:float32"] + 20
+    assert first.probe_ms == second.probe_ms and len(fresh_choices) == 1
+    assert timings == ["timed"]
+
+
+@pytest.mark.parametrize(
+    ("broken", "attribute", "survivor"),
+    [("openvino", "_compile", "onnxruntime"), ("openvino", "run", "onnxruntime"), ("onnxruntime", "run", "openvino")],
+)
+def test_auto_serves_the_engine_that_runs_where_the_other_fails(
+    tiny_model: LoadedModel,
+    ov_installed: Any,
+    fresh_choices: Any,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    broken: str,
+    attribute: str,
+    survivor: str,
+) -> None:
+    """As OpenVINO does with its kernels capped below AVX2 (ONEDNN_MAX_CPU_ISA=SSE41, docs/benchmarks.md):
+    the model does not compile, or does not run. auto serves the other engine and says why in one warning."""
+
+    def fail(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("Exception from src/plugins/intel_cpu/src/node.cpp:823:\n[CPU] MVN node bad combination\n")
+
+    owner = openvino_runner if attribute == "_compile" else OpenVinoRunner if broken == "openvino" else OnnxRunner
+    monkeypatch.setattr(owner, attribute, fail)
+    with caplog.at_level(logging.WARNING, logger="service.runtime"):
+        runner = open_runner(tiny_model, "a2b", RunnerConfig(engine="auto", intra_op_threads=1))
+    assert runner.engine == survivor and list(runner.probe_ms) == [f"{survivor}:float32"]
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert f"{broken} failed on the probe image ([CPU] MVN node bad combination): {survivor}:float32 serves" in warning
+
+
+def test_a_named_engine_is_not_measured(tiny_model: LoadedModel, ov_installed: Any, fresh_choices: Any) -> None:
+    for engine in ("openvino", "onnxruntime"):
+        runner = open_runner(tiny_model, "a2b", RunnerConfig(engine=engine, intra_op_threads=1))  # type: ignore[arg-type]
+        assert (runner.engine, runner.probe_ms) == (engine, None)
+    assert fresh_choices == {}
+
+
+def test_a_changed_file_is_measured_again(
+    tiny_repo: Path, ov_installed: Any, fresh_choices: Any, tmp_path: Path
+) -> None:
+    """The choice is cached by file, size and modification time: a file replaced in place is timed anew."""
+    import shutil
+
+    folder = shutil.copytree(tiny_repo / "tiny", tmp_path / "tiny")
+    config = RunnerConfig(engine="auto", intra_op_threads=1)
+    open_runner(load_model_dir(folder), "a2b", config)
+    onnx = load_model_dir(folder).path("a2b")
+    os.utime(onnx, ns=(onnx.stat().st_atime_ns, onnx.stat().st_mtime_ns + 10**9))
+    open_runner(load_model_dir(folder), "a2b", config)
+    assert len(fresh_choices) == 2
+
+
 # --- configuration, the service and the command line -------------------------------------------------
 
 
@@ -263,7 +380,7 @@ def test_settings_default_to_auto_engine_and_float32() -> None:
 
 async def test_the_service_reports_engine_precision_and_psnr(tiny_repo: Path, bf16_cpu: Any) -> None:
     """bf16 on one direction's probe at a floor it cannot reach: every instance falls back, and says so."""
-    settings = Settings(models_dir=tiny_repo, engine="auto", precision="auto", psnr_floor_db=500)
+    settings = Settings(models_dir=tiny_repo, engine="openvino", precision="auto", psnr_floor_db=500)
     async with running_app(settings) as (app, client):
         (model,) = (await client.get("/models")).json()["models"]
         metrics = (await client.get("/metrics")).text
@@ -284,8 +401,27 @@ async def test_the_service_reports_engine_precision_and_psnr(tiny_repo: Path, bf
     assert (wide, narrow) == ({default_threads()}, {threads_per_session(len(runners))})
 
 
+async def test_the_service_reports_what_engine_auto_measured(
+    tiny_repo: Path, ov_installed: Any, fresh_choices: Any
+) -> None:
+    """Engine auto: each instance says both engines' probe times, and serves the faster one."""
+    settings = Settings(models_dir=tiny_repo, engine="auto", intra_op_threads=1)
+    async with running_app(settings) as (_, client):
+        (model,) = (await client.get("/models")).json()["models"]
+        metrics = (await client.get("/metrics")).text
+    for direction in model["directions"]:
+        for inst in direction["instances"]:
+            probe_ms = inst["probe_ms"]
+            assert set(probe_ms) == {"openvino:float32", "onnxruntime:float32"}
+            assert all(ms > 0 for ms in probe_ms.values())
+            assert inst["engine"] == min(probe_ms, key=probe_ms.__getitem__).partition(":")[0]
+            labels = {"provider": inst["provider"], "engine": inst["engine"], "precision": "float32", "psnr_db": ""}
+            assert sample(metrics, "dclgan_model_info", model="tiny", version="1", direction=direction["name"],
+                          device="cpu", **labels) == 1  # fmt: skip
+
+
 async def test_the_service_serves_bf16_and_translates(tiny_repo: Path, bf16_cpu: Any) -> None:
-    settings = Settings(models_dir=tiny_repo, precision="auto", intra_op_threads=1)
+    settings = Settings(models_dir=tiny_repo, engine="openvino", precision="auto", intra_op_threads=1)
     async with running_app(settings) as (_, client):
         (model,) = (await client.get("/models")).json()["models"]
         response = await client.post("/translate/a2b", content=_png(), headers={"content-type": "image/png"})

@@ -287,7 +287,7 @@ def test_onnxruntime_accepts_the_shrinkage_run_option(tiny_model: LoadedModel) -
 class _Recording:
     """A runner that records which of the pair ran, and the process's other runs in progress at that moment."""
 
-    engine, provider, device, precision, psnr_db = "fake", "CPU", "cpu", "float32", None
+    engine, provider, device, precision, psnr_db, probe_ms = "fake", "CPU", "cpu", "float32", None, None
 
     def __init__(self, name: str, calls: list[tuple[str, int]], runs: CpuRuns) -> None:
         self.name, self.calls, self.runs = name, calls, runs
@@ -365,7 +365,9 @@ def test_when_one_session_of_a_pair_falls_back_to_float32_both_run_float32(
         width = "wide" if threads == 2 else "narrow"
         precision = "float32" if config.precision == "float32" or width == fell_back else "bfloat16"
         opened.append((config.precision, threads))
-        return SimpleNamespace(provider="CPU", precision=precision, engine="openvino", device="cpu", psnr_db=None)
+        return SimpleNamespace(
+            provider="CPU", precision=precision, engine="openvino", device="cpu", psnr_db=None, probe_ms=None
+        )
 
     monkeypatch.setattr(runtime, "_open_one", open_one)
     monkeypatch.setattr(runtime, "default_threads", lambda: 2)
