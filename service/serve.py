@@ -34,6 +34,7 @@ import uvicorn
 from pydantic import ValidationError
 
 from service import logs
+from service.api.responses import CUT_OFF
 from service.config import Settings, describe_invalid
 from service.connections import guarded_protocol
 from service.generation import RunnerFactory
@@ -58,6 +59,16 @@ class _TracebackToDebug(logging.Filter):
             logger.debug("%s", record.getMessage())
             return False
         return True
+
+
+class QuietCutOffs(logging.Filter):
+    """Drops uvicorn's ERROR "returned without completing response" for a client the service cut off on
+    purpose (it read nothing of its response, see :mod:`service.api.responses`): that was logged once, as a
+    warning with the reason, and an ERROR per slow client would page an operator for nothing. The same line
+    for any other response still gets through: there it means a bug."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (CUT_OFF.get() and "without completing response" in record.getMessage())
 
 
 class DrainingServer(uvicorn.Server):
@@ -196,6 +207,7 @@ def main(argv: list[str] | None = None, *, runner_factory: RunnerFactory | None 
     logs.configure(settings.log_format)
     logging.getLogger().setLevel(settings.log_level.upper())
     logging.getLogger("uvicorn.error").addFilter(_TracebackToDebug())
+    logging.getLogger("uvicorn.error").addFilter(QuietCutOffs())
     _raise_file_limit()
     app = create_app(settings, runner_factory=runner_factory)
     config = uvicorn.Config(

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from contextvars import ContextVar
 
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
@@ -22,6 +23,10 @@ from service.admission import MemoryBudget
 logger = logging.getLogger(__name__)
 
 CHUNK_BYTES = 64 * 1024  # asyncio's default write buffer high-water mark
+
+CUT_OFF: ContextVar[bool] = ContextVar("dclgan_client_cut_off", default=False)
+"""Set in the request's task when its client was cut off: uvicorn, which runs the app in that task, then
+logs the unfinished response at ERROR, and :class:`service.serve.QuietCutOffs` drops that line."""
 
 
 class PacedResponse(Response):
@@ -53,6 +58,7 @@ class PacedResponse(Response):
         except TimeoutError:
             # The server then aborts the connection (service.connections): the client is cut off.
             scope.setdefault("state", {})["client_stalled"] = True
+            CUT_OFF.set(True)
             logger.warning(
                 "the client read nothing of its %d-byte response for %.0f s; closing the connection",
                 size,
