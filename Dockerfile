@@ -54,8 +54,8 @@ COPY pyproject.toml ./
 # Dependencies first, in their own layer, so that editing service/ does not download them again: the
 # base and serve requirements read from pyproject. The CPU image swaps onnxruntime-gpu (about 255 MB)
 # for the CPU wheel of the same versions (both install the `onnxruntime` module: only one may be present)
-# and adds the cpu-fast extra: OpenVINO, which DCLGAN_ENGINE=auto then serves CPU devices with (README,
-# "Engines and precision"); the GPU image serves with onnxruntime-gpu and does not need it. Both get the
+# and adds the cpu-fast extra: OpenVINO, which DCLGAN_ENGINE=auto then times against onnxruntime at start
+# and serves CPU devices with where it is the faster (README, "Engines and precision"); the GPU image serves with onnxruntime-gpu and does not need it. Both get the
 # otel extra (about 8 MB of pure Python): tracing then needs only the OTEL_* variables, and costs nothing
 # while they are unset (README, "Tracing").
 RUN --mount=type=secret,id=pip_cert \

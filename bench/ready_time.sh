@@ -11,7 +11,7 @@ mkdir -p runs
 describe='
 import json, sys
 instances = [i for m in json.load(sys.stdin)["models"] for d in m["directions"] for i in d["instances"]]
-probe = lambda i: i["probe_ms"] and {k: round(v, 1) for k, v in i["probe_ms"].items()}
+probe = lambda i: i["probe_ms"] and {w: {k: round(v, 1) for k, v in ms.items()} for w, ms in i["probe_ms"].items()}
 print("; ".join(" ".join([i["engine"], i["precision"], str(probe(i))]) for i in instances))'
 for round in $(seq "$rounds"); do
   for engine in $engines; do

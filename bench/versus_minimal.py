@@ -11,7 +11,8 @@ client (closed loop), the CPU seconds per request of the server's whole process 
 ``/proc``; Ray's and LitServe's helper processes included), and throughput with ``--clients`` clients (closed
 loop, the server saturated). Every measurement is bounded by ``--seconds`` and ``--max-requests``. The
 service runs from ``--code`` (default this checkout) in this interpreter's venv, with the onnxruntime engine
-the others use, and as deployed by default (``DCLGAN_ENGINE=auto``: OpenVINO where installed); LitServe and
+the others use, and as deployed by default (``DCLGAN_ENGINE=auto``: the faster of OpenVINO and onnxruntime
+on a probe image at start, where OpenVINO is installed); LitServe and
 Ray Serve run in ``--compare-python``'s venv; ``--variant`` adds the service from another source tree (a
 proposed change), on onnxruntime. Prints one JSON line per measurement, then a table of the
 medians over the rounds.

@@ -94,9 +94,9 @@ class Settings(BaseSettings):
     )
     engine: Literal["auto", "onnxruntime", "openvino"] = Field(
         "auto",
-        description="inference engine: `auto` (on CPU devices with OpenVINO installed, whichever of OpenVINO and "
-        "onnxruntime float32 is faster on a probe image at start; onnxruntime elsewhere), `onnxruntime` or "
-        "`openvino` (CPUs only; the `cpu-fast` extra)",
+        description="inference engine: `auto` (on CPU devices with OpenVINO installed and precision float32 or "
+        "auto, whichever of OpenVINO and onnxruntime float32 is the faster on a probe image at start; onnxruntime "
+        "elsewhere), `onnxruntime` or `openvino` (CPUs only; the `cpu-fast` extra)",
     )
     precision: Literal["auto", "float32", "float16", "bfloat16"] = Field(
         "float32",

@@ -27,7 +27,14 @@ from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
-from service.runtime import SHRINK_ABOVE_PIXELS, EngineName, Precision, checked_batch, checked_output
+from service.runtime import (
+    SHRINK_ABOVE_PIXELS,
+    EngineName,
+    Precision,
+    ProbeTimes,
+    checked_batch,
+    checked_output,
+)
 
 if TYPE_CHECKING:
     import openvino as ov
@@ -89,9 +96,9 @@ def choose(engine: EngineName, precision: Precision, device: str) -> tuple[str, 
     """The (engine, precision) that ``engine`` and ``precision`` (either may be ``auto``) mean on ``device``.
 
     ``auto`` engine: OpenVINO on a CPU when it is installed, onnxruntime otherwise (and for GPUs and the
-    float16 files, which are made for GPUs); where this says OpenVINO, :func:`service.runtime.open_runner`
-    times it against onnxruntime float32 and serves the faster. ``auto`` precision: bfloat16 where OpenVINO
-    runs on a CPU with native bf16, else float32.
+    float16 files, which are made for GPUs); where this says OpenVINO and the precision is float32 or
+    ``auto``, :func:`service.runtime.open_runner` times it against onnxruntime float32 and serves the
+    faster. ``auto`` precision: bfloat16 where OpenVINO runs on a CPU with native bf16, else float32.
 
     Raises:
         ValueError: a combination that cannot run as asked, in one line that says what to change.
@@ -164,7 +171,7 @@ class OpenVinoRunner:
     """
 
     engine = "openvino"
-    probe_ms: dict[str, float] | None = None
+    probe_ms: ProbeTimes | None = None
 
     def __init__(self, compiled: ov.CompiledModel, *, precision: Computed, psnr_db: float | None = None) -> None:
         self.compiled = compiled

@@ -43,6 +43,8 @@ EngineName = Literal["auto", "onnxruntime", "openvino"]
 # float32/float16 name an ONNX file; bfloat16 is OpenVINO computing the float32 file in bf16 (CPUs with native
 # bf16 only); auto picks per device (see service.openvino_runner.choose).
 Precision = Literal["auto", "float32", "float16", "bfloat16"]
+ProbeTimes = dict[str, dict[str, float]]
+"""What engine ``auto`` measured: threads per session -> ``engine:precision`` -> median ms on the probe image."""
 
 
 class ProviderUnavailable(RuntimeError):
@@ -84,9 +86,20 @@ def file_variant(precision: Precision) -> Variant:
 
 
 def native_side(contract: InputContract) -> int:
-    """The square side that warm-up and probe images use: the training resolution, rounded up to what the
-    network accepts."""
-    side = max(contract.native_size, contract.min_size)
+    """The square side that warm-up and PSNR probe images use: the training resolution, rounded up to what
+    the network accepts."""
+    return _accepted_side(contract.native_size, contract)
+
+
+def served_side(contract: InputContract) -> int:
+    """The square side engine ``auto`` times the engines at: the working side where the card names one (what
+    requests compute at by default; the bundled model trains at 128 and serves at 256), else the native side."""
+    return _accepted_side(contract.working_side or contract.native_size, contract)
+
+
+def _accepted_side(side: int, contract: InputContract) -> int:
+    """``side``, at least the network's minimum, rounded up to its multiple."""
+    side = max(side, contract.min_size)
     return -(-side // contract.multiple_of) * contract.multiple_of
 
 
@@ -235,13 +248,13 @@ class OnnxRunner:
         device: the device that was asked for.
         precision: the ONNX file it runs (float32 or float16).
         psnr_db: None: the file runs as exported, nothing is verified at start.
-        probe_ms: where engine ``auto`` chose between engines, each one's time on the probe (:func:`open_runner`).
+        probe_ms: where engine ``auto`` chose between engines, their times on the probe (:func:`open_runner`).
         input_name, output_name: the graph's tensor names.
     """
 
     engine = "onnxruntime"
     psnr_db: float | None = None
-    probe_ms: dict[str, float] | None = None
+    probe_ms: ProbeTimes | None = None
 
     def __init__(
         self,
@@ -345,18 +358,28 @@ def open_runner(
     model: LoadedModel, direction: str, config: RunnerConfig
 ) -> OnnxRunner | OpenVinoRunner | WidthAdaptiveRunner:
     """The one runner factory: a verified session for ``direction`` of ``model``, as ``config`` says (two
-    of them behind a :class:`WidthAdaptiveRunner` for ``all_cores_when_alone`` on a CPU).
+    of them behind a :class:`WidthAdaptiveRunner` for ``all_cores_when_alone`` on a CPU). Engine ``auto``
+    is measured first (:func:`_open_measured`).
 
     Raises:
         ValueError: an engine and precision that cannot run on the device (see ``choose``).
     """
-    narrow, config = _open_fastest(model, direction, config, config.intra_op_threads)
-    probe_ms = narrow.probe_ms
     cores = default_threads()
-    on_cpu = narrow.provider in (CPU, "CPU")  # onnxruntime's and OpenVINO's names (a GPU fallback included)
-    if not config.all_cores_when_alone or not on_cpu or (config.intra_op_threads or cores) >= cores:
-        return narrow
-    wide = _open_one(model, direction, config, cores)
+    widths = [config.intra_op_threads]
+    if config.all_cores_when_alone and (config.intra_op_threads or cores) < cores:
+        widths.append(cores)
+    measured, config = _open_measured(model, direction, config, widths)
+    if measured is not None:
+        narrow, wide = measured[0], measured[-1]
+        if len(measured) == 1:
+            return narrow
+    else:
+        narrow = _open_one(model, direction, config, config.intra_op_threads)
+        on_cpu = narrow.provider in (CPU, "CPU")  # onnxruntime's and OpenVINO's names (a GPU fallback included)
+        if len(widths) == 1 or not on_cpu:
+            return narrow
+        wide = _open_one(model, direction, config, cores)
+    probe_ms = narrow.probe_ms
     if wide.precision != narrow.precision:
         # A reduced precision passed its PSNR check in one session and fell back in the other: both run
         # float32, so that what /models and the metrics report is what every run computes.
@@ -365,120 +388,169 @@ def open_runner(
             wide = _open_one(model, direction, exact, cores)
         if narrow.precision != "float32":
             narrow = _open_one(model, direction, exact, config.intra_op_threads)
-            narrow.probe_ms = probe_ms  # what chose the engine
+        narrow.probe_ms = wide.probe_ms = probe_ms  # what chose the engine
     return WidthAdaptiveRunner(wide, narrow)
 
 
 @dataclass(frozen=True)
 class EngineChoice:
-    """What ``auto`` measured for one ONNX file: the engine to serve, and each ``engine:precision``'s median
-    time (ms) on the probe image (an engine that failed on this CPU has none)."""
+    """What engine ``auto`` measured for one ONNX file: the ``engine:precision`` it serves, and the times."""
 
-    engine: str
-    probe_ms: dict[str, float]
+    served: str
+    probe_ms: ProbeTimes
 
 
-# (file, file size and mtime, threads, precision asked for) -> the choice: the instances of a direction
-# share one measurement, and a reload that finds the same file does not measure again.
-_CHOICES: dict[tuple[str, int, int, int, str], EngineChoice] = {}
+# (model, version, file size, probe side, threads per session, precision and PSNR floor asked for) -> the
+# choice. Speed depends on the network, not on its weights, and the directions of one version are one
+# generator configuration exported twice (same graph, same file size): they, their instances and reloads of
+# the version share one measurement, which at the served side costs seconds.
+_CHOICES: dict[tuple[str, str, int, int, tuple[int, ...], str, float], EngineChoice] = {}
 _CHOICES_LOCK = threading.Lock()
 
 
 def time_on_probe(
-    runners: Mapping[str, Runner], probe: np.ndarray, *, rounds: int = 3, clock: Callable[[], float] = time.perf_counter
+    runners: Mapping[str, Runner],
+    probe: np.ndarray,
+    *,
+    min_rounds: int = 2,
+    max_rounds: int = 15,
+    min_total_ms: float = 200.0,
+    warm_up: bool = True,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> dict[str, float]:
-    """Each runner's median time (ms) on ``probe`` over ``rounds`` runs taken in turn, after one untimed run
-    each (a first run pays for lazy set-up). Taking turns makes a noisy machine slow each runner alike."""
-    for runner in runners.values():
+    """Each runner's median time (ms) on ``probe``, over runs taken in turn after one untimed run each (a
+    first run pays for lazy set-up; ``warm_up=False`` where the caller has made it). Taking turns makes a
+    noisy machine slow each runner alike.
+
+    Rounds go on until every runner has run ``min_rounds`` times and for ``min_total_ms`` in all, or
+    ``max_rounds``: short runs are the noisier, so they get more of them.
+    """
+    for runner in runners.values() if warm_up else ():
         runner.run(probe)
     times: dict[str, list[float]] = {name: [] for name in runners}
-    for _ in range(rounds):
+    for done in range(1, max_rounds + 1):
         for name, runner in runners.items():
             start = clock()
             runner.run(probe)
             times[name].append((clock() - start) * 1000)
+        if done >= min_rounds and min(sum(ms) for ms in times.values()) >= min_total_ms:
+            break
     return {name: statistics.median(ms) for name, ms in times.items()}
 
 
-def _open_fastest(
-    model: LoadedModel, direction: str, config: RunnerConfig, threads: int | None
-) -> tuple[OnnxRunner | OpenVinoRunner, RunnerConfig]:
-    """The runner ``config`` asks for, and ``config`` with ``auto`` replaced by the engine that was chosen.
+def least_slowdown(probe_ms: ProbeTimes) -> str:
+    """The candidate whose worst ratio to the fastest, over the thread counts measured, is the smallest.
 
-    Engine ``auto`` on a CPU with OpenVINO installed (see ``choose``) is a measurement, not an assumption:
-    OpenVINO (in bf16 where it was chosen) and onnxruntime float32 are both opened at ``threads`` and timed
-    on the probe image, and the faster one is served; an engine that cannot open or run the model here
-    (OpenVINO's kernels on some CPUs) leaves the other, with a warning. Why: OpenVINO was the faster on
-    every CPU measured (docs/benchmarks.md), but not every CPU this may run on was measured (AVX2-only x86,
-    ARM), and with its kernels capped below AVX2 it could not run the generator at all.
+    One engine serves both sessions of a width-adaptive pair, so where the engines' order differs between
+    the shared-out and the all-core session, neither is the faster at both: this keeps the loss at either
+    as small as it can be. Where one is the faster at every width, it is the one. Ties go to the first.
+    """
+    candidates = list(next(iter(probe_ms.values())))
+    return min(candidates, key=lambda c: max(ms[c] / max(min(ms.values()), 1e-9) for ms in probe_ms.values()))
+
+
+def _open_measured(
+    model: LoadedModel, direction: str, config: RunnerConfig, widths: Sequence[int | None]
+) -> tuple[list[OnnxRunner | OpenVinoRunner] | None, RunnerConfig]:
+    """For engine ``auto`` on a CPU with OpenVINO installed (see ``choose``): one runner per thread count in
+    ``widths``, of the engine and precision measured to be the faster, and ``config`` naming them. Else
+    (nothing to choose from) None and ``config`` as it was.
+
+    A measurement, not an assumption: OpenVINO (in bf16 where ``auto`` precision chose it, and then in
+    float32 too) and onnxruntime float32 are each opened at every width and timed on the probe image, and
+    :func:`least_slowdown` picks; an engine that cannot open or run the model here (OpenVINO's kernels on
+    some CPUs) is left out, with a warning. Why: OpenVINO was the faster on every CPU measured
+    (docs/benchmarks.md), but not every CPU this may run on was measured (AVX2-only x86, ARM), its lead
+    over onnxruntime shrinks with fewer threads, and with its kernels capped below AVX2 it could not run
+    the generator at all. A named engine or precision (``bfloat16``: only OpenVINO computes it) is served
+    as it is.
     """
     from service.openvino_runner import choose
 
     if config.engine != "auto" or config.precision not in ("auto", "float32"):
-        return _open_one(model, direction, config, threads), config  # named, or only one engine computes it
+        return None, config
     if choose(config.engine, config.precision, config.device)[0] != "openvino":
-        return _open_one(model, direction, config, threads), config
-    path = model.path(direction, "float32")
-    stat = path.stat()
-    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns, threads or default_threads(), config.precision)
-    runner: OnnxRunner | OpenVinoRunner | None = None
+        return None, config
+    side = served_side(model.card.input)
+    threads = tuple(w or default_threads() for w in widths)
+    size = model.path(direction, "float32").stat().st_size
+    key = (model.name, model.version, size, side, threads, config.precision, config.psnr_floor_db)
+    runners: list[OnnxRunner | OpenVinoRunner] | None = None
     with _CHOICES_LOCK:
         choice = _CHOICES.get(key)
         if choice is None:
-            measured = _measure(model, direction, config, threads)
+            measured = _measure(model, direction, config, widths, side)
             if measured is None:
-                return _open_one(model, direction, config, threads), config
-            choice, runner = measured
+                return None, config
+            choice, runners = measured
             _CHOICES[key] = choice
-    resolved = replace(config, engine=choice.engine)  # type: ignore[arg-type]
-    if choice.engine == "onnxruntime":
-        resolved = replace(resolved, precision="float32")
-    if runner is None:
-        runner = _open_one(model, direction, resolved, threads)
-    runner.probe_ms = dict(choice.probe_ms)
-    return runner, resolved
+    engine, _, precision = choice.served.partition(":")
+    resolved = replace(config, engine=engine, precision=precision)  # type: ignore[arg-type]
+    if runners is None:
+        runners = [_open_one(model, direction, resolved, w) for w in widths]
+    for runner in runners:
+        runner.probe_ms = {w: dict(ms) for w, ms in choice.probe_ms.items()}
+    return runners, resolved
 
 
 def _measure(
-    model: LoadedModel, direction: str, config: RunnerConfig, threads: int | None
-) -> tuple[EngineChoice, OnnxRunner | OpenVinoRunner] | None:
-    """Open both engines, time them on the probe image, and return the choice with the faster runner.
+    model: LoadedModel, direction: str, config: RunnerConfig, widths: Sequence[int | None], side: int
+) -> tuple[EngineChoice, list[OnnxRunner | OpenVinoRunner]] | None:
+    """Open every candidate at every width, time them on the probe image; the choice and its runners.
 
-    An engine that fails to open or to run the probe is left out, with one warning; if both fail, the model
-    itself cannot run at its own size on any engine, so None: the caller opens it as before and the
-    warm-up reports the error (a measurement must not change how a broken model fails).
+    A candidate that fails to open or to run the probe is left out, with one warning. If none is left, or
+    the timing itself fails, None: the caller opens the model as before, and a model that cannot run at its
+    own size on any engine fails at warm-up as it always did (a measurement must not change how it fails).
     """
-    from service.openvino_runner import probe_input
+    from service.openvino_runner import choose, probe_input
 
-    probe = probe_input(native_side(model.card.input))
-    runners: dict[str, OnnxRunner | OpenVinoRunner] = {}
+    probe = probe_input(side)
+    tried = [replace(config, engine="openvino")]
+    if choose("openvino", config.precision, config.device)[1] == "bfloat16":
+        tried.append(replace(config, engine="openvino", precision="float32"))
+    tried.append(replace(config, engine="onnxruntime", precision="float32"))
+    opened: dict[str, list[OnnxRunner | OpenVinoRunner]] = {}
     failures: dict[str, str] = {}
-    for engine, tried in (
-        ("openvino", replace(config, engine="openvino")),
-        ("onnxruntime", replace(config, engine="onnxruntime", precision="float32")),
-    ):
+    for candidate in tried:
         try:
-            runner = _open_one(model, direction, tried, threads)
-            runner.run(probe)
+            runners = [_open_one(model, direction, candidate, w) for w in widths]
+            for runner in runners:
+                runner.run(probe)  # it runs here, and the run that sets it up is not timed
         except Exception as e:  # OpenVINO's kernels may not run this model on this CPU (docs/benchmarks.md)
-            failures[engine] = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+            failures[":".join(choose(candidate.engine, candidate.precision, candidate.device))] = _last_line(e)
             continue
-        runners[f"{engine}:{runner.precision}"] = runner
-    if not runners:
-        return None
-    probe_ms = time_on_probe(runners, probe)
-    fastest = min(probe_ms, key=probe_ms.__getitem__)
-    for engine, reason in failures.items():
+        opened.setdefault(f"{candidate.engine}:{runners[0].precision}", runners)  # bf16 may have fallen back
+    try:
+        probe_ms = {
+            str(w or default_threads()): time_on_probe({name: r[i] for name, r in opened.items()}, probe, warm_up=False)
+            for i, w in enumerate(widths)
+        }
+    except Exception as e:
+        failures["timing"] = _last_line(e)
+        opened = {}
+    served = least_slowdown(probe_ms) if opened else None
+    for name, reason in failures.items():
         logger.warning("%s %s: engine auto: %s failed on the probe image (%s): %s serves", model.name, direction,
-                       engine, reason, fastest)  # fmt: skip
+                       name, reason, served or "what was asked for, unmeasured")  # fmt: skip
+    if served is None:
+        return None
     logger.info(
         "%s %s: engine auto chose %s on the probe image (%s)",
         model.name,
         direction,
-        fastest,
-        ", ".join(f"{name} {ms:.1f} ms" for name, ms in probe_ms.items()),
+        served,
+        "; ".join(
+            f"{w} thread{'s' * (w != '1')}: " + ", ".join(f"{name} {ms:.1f} ms" for name, ms in times.items())
+            for w, times in probe_ms.items()
+        ),
     )
-    return EngineChoice(fastest.partition(":")[0], probe_ms), runners[fastest]
+    return EngineChoice(served, probe_ms), opened[served]
+
+
+def _last_line(error: Exception) -> str:
+    """An engine error's last line, which says what failed (OpenVINO's first lines name its source files)."""
+    text = str(error).strip()
+    return text.splitlines()[-1] if text else type(error).__name__
 
 
 def _open_one(

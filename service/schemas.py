@@ -23,9 +23,11 @@ class InstanceInfo(BaseModel):
         description="PSNR (dB) of the reduced precision against float32 on a probe image at start (kept when it fell "
         "below the floor and float32 is served); null when nothing was reduced"
     )
-    probe_ms: dict[str, float] | None = Field(
-        description="engine `auto` on a CPU: each engine's median time (ms) on a probe image at start, measured in "
-        "turn; the faster one serves. null when the engine was named or only one could run"
+    probe_ms: dict[str, dict[str, float]] | None = Field(
+        description="engine `auto` on a CPU with OpenVINO: what was measured at start to choose the engine, as "
+        "threads per session -> `engine:precision` -> median time (ms) on a probe image; an engine that failed "
+        "there is absent. null when nothing was measured: a named engine or precision, a GPU, no OpenVINO",
+        examples=[{"1": {"openvino:float32": 66.8, "onnxruntime:float32": 72.1}}],
     )
     warm: bool = Field(description="the instance has run its warm-up batch")
 

@@ -54,8 +54,8 @@ def add_engine_options(parser: argparse.ArgumentParser) -> None:
         "--engine",
         choices=get_args(EngineName),
         default="auto",
-        help="auto (default): on a CPU with OpenVINO installed, the faster of it and onnxruntime on a probe "
-        "image; else onnxruntime",
+        help="auto (default): on a CPU with OpenVINO installed, the faster of it and onnxruntime float32 on a "
+        "probe image (precision float32 or auto); else onnxruntime",
     )
     parser.add_argument(
         "--precision",

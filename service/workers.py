@@ -37,7 +37,7 @@ import numpy as np
 
 from service.batching import Batch, Batcher, InferenceResult, WorkItem
 from service.errors import BatchTimedOut, InferenceFailed
-from service.runtime import Runner
+from service.runtime import ProbeTimes, Runner
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ class DeviceRunner(Runner, Protocol):
     engine: str
     precision: str
     psnr_db: float | None
-    probe_ms: dict[str, float] | None
+    probe_ms: ProbeTimes | None
 
 
 class BatchObserver(Protocol):

@@ -17,6 +17,7 @@ import pytest
 from PIL import Image
 from service_fakes import Fakes, write_fake_repo
 
+from service import runtime
 from service.repository import DirectionSpec, InputContract, ModelCard, OnnxFile, Provenance, sha256_file
 
 TINY_MODEL = "tiny"
@@ -94,6 +95,15 @@ def tiny_model_copy(tiny_repo: Path, tmp_path: Path) -> Path:
     for src in (tiny_repo / TINY_MODEL).iterdir():
         (dest / src.name).write_bytes(src.read_bytes())
     return dest
+
+
+@pytest.fixture(autouse=True)
+def fresh_engine_choices(monkeypatch: pytest.MonkeyPatch) -> dict[Any, Any]:
+    """Engine auto's measurements are kept per process (``service.runtime._CHOICES``): each test starts
+    with none, so that what one test measured never decides another's engine."""
+    choices: dict[Any, Any] = {}
+    monkeypatch.setattr(runtime, "_CHOICES", choices)
+    return choices
 
 
 @pytest.fixture(autouse=True)

@@ -14,7 +14,9 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -32,7 +34,10 @@ from service.runtime import (
     RunnerConfig,
     WidthAdaptiveRunner,
     default_threads,
+    least_slowdown,
+    native_side,
     open_runner,
+    served_side,
     threads_per_session,
     time_on_probe,
 )
@@ -261,38 +266,64 @@ class _Timed:
 def test_time_on_probe_takes_turns_and_reports_medians() -> None:
     clock, order = [0.0], []  # type: ignore[var-annotated]
     runners = {"a": _Timed("a", [90, 10, 30, 9], clock, order), "b": _Timed("b", [70, 4, 5, 40], clock, order)}
-    ms = time_on_probe(runners, probe_input(8), rounds=3, clock=lambda: clock[0])
+    ms = time_on_probe(runners, probe_input(8), max_rounds=3, clock=lambda: clock[0])
     assert ms == pytest.approx({"a": 10.0, "b": 5.0})  # the first, untimed run of each is left out
     assert order == ["a", "b"] * 4
+    order.clear()
+    runners = {"a": _Timed("a", [10, 30, 9], clock, order), "b": _Timed("b", [4, 5, 40], clock, order)}
+    ms = time_on_probe(runners, probe_input(8), max_rounds=3, warm_up=False, clock=lambda: clock[0])
+    assert ms == pytest.approx({"a": 10.0, "b": 5.0}) and order == ["a", "b"] * 3  # already warm: all timed
 
 
-@pytest.fixture
-def fresh_choices(monkeypatch: pytest.MonkeyPatch) -> dict[Any, Any]:
-    """An empty cache of engine choices, so that each test measures."""
-    choices: dict[Any, Any] = {}
-    monkeypatch.setattr(runtime, "_CHOICES", choices)
-    return choices
+def test_time_on_probe_gives_short_runs_more_rounds() -> None:
+    clock, order = [0.0], []  # type: ignore[var-annotated]
+    runners = {"slow": _Timed("slow", [50] * 20, clock, order), "fast": _Timed("fast", [10] * 20, clock, order)}
+    time_on_probe(runners, probe_input(8), min_rounds=3, max_rounds=15, min_total_ms=45, clock=lambda: clock[0])
+    assert order.count("fast") == 1 + 5  # until the fastest has run 45 ms in all: 5 rounds of 10 ms
+    order.clear()
+    time_on_probe(runners, probe_input(8), min_rounds=3, max_rounds=4, min_total_ms=1000, clock=lambda: clock[0])
+    assert order.count("fast") == 1 + 4  # at most max_rounds
+
+
+def test_engines_are_timed_at_the_side_requests_compute_at(tiny_model: LoadedModel) -> None:
+    """The bundled model trains at 128 and serves at 256, where the engines' order can differ."""
+    contract = tiny_model.card.input.model_copy(update={"native_size": 126, "multiple_of": 4, "min_size": 8})
+    assert (native_side(contract), served_side(contract.model_copy(update={"working_side": None}))) == (128, 128)
+    assert served_side(contract.model_copy(update={"working_side": 254})) == 256
+    assert served_side(contract.model_copy(update={"native_size": 2, "working_side": None})) == 8  # the minimum
+
+
+def test_least_slowdown_is_the_faster_where_one_wins_everywhere_else_the_smaller_worst_loss() -> None:
+    assert least_slowdown({"1": {"a": 10, "b": 12}, "2": {"a": 6, "b": 9}}) == "a"
+    assert least_slowdown({"1": {"a": 10, "b": 11}, "2": {"a": 30, "b": 20}}) == "b"  # a loses 1.5x, b 1.1x
+    assert least_slowdown({"1": {"a": 10, "b": 10}}) == "a"  # a tie goes to the first candidate
+    assert least_slowdown({"1": {"b": 5}}) == "b"
+
+
+def _slow_down(monkeypatch: pytest.MonkeyPatch, runner_class: type, seconds: float = 0.03) -> None:
+    original = runner_class.run
+
+    def run_slowly(self: Any, batch: np.ndarray) -> np.ndarray:
+        time.sleep(seconds)  # ~30x the tiny model's own time
+        return original(self, batch)
+
+    monkeypatch.setattr(runner_class, "run", run_slowly)
 
 
 @pytest.mark.parametrize("slow", ["openvino", "onnxruntime"])
 def test_auto_serves_the_engine_that_was_faster_on_the_probe(
-    tiny_model: LoadedModel, ov_installed: Any, fresh_choices: Any, monkeypatch: pytest.MonkeyPatch, slow: str
+    tiny_model: LoadedModel, ov_installed: Any, fresh_engine_choices: Any, monkeypatch: pytest.MonkeyPatch, slow: str
 ) -> None:
-    """Whichever engine is slower on this CPU is not served, in either session of a width-adaptive pair, and
-    the choice is measured once per file: a second instance reuses it."""
-    slow_class = OpenVinoRunner if slow == "openvino" else OnnxRunner
-    slow_run = slow_class.run
+    """Whichever engine is slower on this CPU is not served, in either session of a width-adaptive pair; it
+    was timed at both widths, and once per file: a second instance reuses the measurement."""
+    _slow_down(monkeypatch, OpenVinoRunner if slow == "openvino" else OnnxRunner)
     timings: list[str] = []
 
-    def run_slowly(self: Any, batch: np.ndarray) -> np.ndarray:
-        time.sleep(0.03)  # ~30x the tiny model's own time
-        return slow_run(self, batch)
-
-    def counted(*args: Any, **kwargs: Any) -> dict[str, float]:
+    def counted(runners: Any, probe: np.ndarray, **kwargs: Any) -> dict[str, float]:
         timings.append("timed")
-        return time_on_probe(*args, **kwargs)
+        assert probe.shape[2:] == (served_side(tiny_model.card.input),) * 2
+        return time_on_probe(runners, probe, **kwargs)
 
-    monkeypatch.setattr(slow_class, "run", run_slowly)
     monkeypatch.setattr(runtime, "time_on_probe", counted)
     monkeypatch.setattr(runtime, "default_threads", lambda: 2)
     config = RunnerConfig(engine="auto", precision="float32", intra_op_threads=1, all_cores_when_alone=True)
@@ -301,10 +332,13 @@ def test_auto_serves_the_engine_that_was_faster_on_the_probe(
     for runner in (first, second):
         assert isinstance(runner, WidthAdaptiveRunner)
         assert (runner.engine, runner.wide.engine, runner.narrow.engine) == (fast, fast, fast)
-        ms = runner.probe_ms
-        assert ms is not None and ms[f"{slow}:float32"] > ms[f"{fast}:float32"] + 20
-    assert first.probe_ms == second.probe_ms and len(fresh_choices) == 1
-    assert timings == ["timed"]
+        assert runner.wide.compiled if fast == "openvino" else runner.wide.session  # a runner, not a copy
+        probe_ms = runner.probe_ms
+        assert probe_ms is not None and set(probe_ms) == {"1", "2"}  # the shared-out width and all the cores
+        for ms in probe_ms.values():
+            assert ms[f"{slow}:float32"] > ms[f"{fast}:float32"] + 20
+    assert first.probe_ms == second.probe_ms and len(fresh_engine_choices) == 1
+    assert timings == ["timed", "timed"]  # one per width, for the first instance only
 
 
 @pytest.mark.parametrize(
@@ -314,7 +348,6 @@ def test_auto_serves_the_engine_that_was_faster_on_the_probe(
 def test_auto_serves_the_engine_that_runs_where_the_other_fails(
     tiny_model: LoadedModel,
     ov_installed: Any,
-    fresh_choices: Any,
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
     broken: str,
@@ -331,31 +364,99 @@ def test_auto_serves_the_engine_that_runs_where_the_other_fails(
     monkeypatch.setattr(owner, attribute, fail)
     with caplog.at_level(logging.WARNING, logger="service.runtime"):
         runner = open_runner(tiny_model, "a2b", RunnerConfig(engine="auto", intra_op_threads=1))
-    assert runner.engine == survivor and list(runner.probe_ms) == [f"{survivor}:float32"]
+    assert runner.engine == survivor and runner.probe_ms is not None
+    assert list(runner.probe_ms["1"]) == [f"{survivor}:float32"]
     (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert f"{broken} failed on the probe image ([CPU] MVN node bad combination): {survivor}:float32 serves" in warning
+    reason = "[CPU] MVN node bad combination"
+    assert f"{broken}:float32 failed on the probe image ({reason}): {survivor}:float32 serves" in warning
 
 
-def test_a_named_engine_is_not_measured(tiny_model: LoadedModel, ov_installed: Any, fresh_choices: Any) -> None:
+def test_a_failed_timing_serves_what_was_asked_unmeasured(
+    tiny_model: LoadedModel, ov_installed: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def fail(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("the machine ran out of memory")
+
+    monkeypatch.setattr(runtime, "time_on_probe", fail)
+    with caplog.at_level(logging.WARNING, logger="service.runtime"):
+        runner = open_runner(tiny_model, "a2b", RunnerConfig(engine="auto", intra_op_threads=1))
+    assert (runner.engine, runner.probe_ms) == ("openvino", None)  # as auto chose before it measured
+    assert "timing failed on the probe image (the machine ran out of memory): what was asked for" in caplog.text
+
+
+def test_a_named_engine_or_bfloat16_is_not_measured(
+    tiny_model: LoadedModel, ov_installed: Any, fresh_engine_choices: Any
+) -> None:
     for engine in ("openvino", "onnxruntime"):
         runner = open_runner(tiny_model, "a2b", RunnerConfig(engine=engine, intra_op_threads=1))  # type: ignore[arg-type]
         assert (runner.engine, runner.probe_ms) == (engine, None)
-    assert fresh_choices == {}
+    if native_bf16():
+        runner = open_runner(tiny_model, "a2b", RunnerConfig(engine="auto", precision="bfloat16", intra_op_threads=1))
+        assert (runner.engine, runner.probe_ms) == ("openvino", None)
+    assert fresh_engine_choices == {}
 
 
-def test_a_changed_file_is_measured_again(
-    tiny_repo: Path, ov_installed: Any, fresh_choices: Any, tmp_path: Path
+def test_the_choice_is_measured_once_per_file_and_setting(
+    tiny_model: LoadedModel, ov_installed: Any, fresh_engine_choices: Any
 ) -> None:
-    """The choice is cached by file, size and modification time: a file replaced in place is timed anew."""
-    import shutil
+    """Whatever changes what is measured is in the cache key: the network (model, version and file size),
+    the thread counts, the precision and the PSNR floor asked for. The other direction of the same version
+    is the same network: it shares the measurement."""
+    base = RunnerConfig(engine="auto", intra_op_threads=1)
+    settings = [
+        ("a2b", base),
+        ("a2b", base),  # the same: no new measurement
+        ("b2a", base),  # the same network, other weights
+        ("a2b", replace(base, intra_op_threads=2)),
+        ("a2b", replace(base, precision="auto")),
+        ("a2b", replace(base, psnr_floor_db=30.0)),
+    ]
+    sizes = []
+    for direction, config in settings:
+        open_runner(tiny_model, direction, config)
+        sizes.append(len(fresh_engine_choices))
+    assert sizes == [1, 1, 1, 2, 3, 4]
 
-    folder = shutil.copytree(tiny_repo / "tiny", tmp_path / "tiny")
-    config = RunnerConfig(engine="auto", intra_op_threads=1)
-    open_runner(load_model_dir(folder), "a2b", config)
-    onnx = load_model_dir(folder).path("a2b")
-    os.utime(onnx, ns=(onnx.stat().st_atime_ns, onnx.stat().st_mtime_ns + 10**9))
-    open_runner(load_model_dir(folder), "a2b", config)
-    assert len(fresh_choices) == 2
+
+def test_auto_precision_also_times_openvino_float32(
+    tiny_model: LoadedModel, bf16_cpu: Any, fresh_engine_choices: Any
+) -> None:
+    """bf16 does not pay for every model and size (docs/benchmarks.md: a narrow model at 128 px), so with
+    precision auto OpenVINO float32 is a candidate too."""
+    runner = open_runner(tiny_model, "a2b", RunnerConfig(engine="auto", precision="auto", intra_op_threads=1))
+    assert runner.probe_ms is not None
+    timed = runner.probe_ms["1"]
+    assert set(timed) == {"openvino:bfloat16", "openvino:float32", "onnxruntime:float32"}
+    assert f"{runner.engine}:{runner.precision}" == min(timed, key=timed.__getitem__)
+
+
+def test_a_pair_reopened_in_float32_keeps_what_chose_its_engine(
+    tiny_model: LoadedModel, machine: Any, fresh_engine_choices: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """bf16 passes its PSNR check at one width and not the other: the pair is reopened in float32, and
+    /models still shows the measurement that chose OpenVINO."""
+    machine(installed=True, bf16=True)
+    monkeypatch.setattr(runtime, "default_threads", lambda: 2)
+    opened: list[tuple[str, str, int | None]] = []
+
+    def open_one(model: Any, direction: str, config: RunnerConfig, threads: int | None) -> Any:
+        engine, asked = choose(config.engine, config.precision, config.device)
+        precision = "float32" if asked == "bfloat16" and threads == 2 else asked  # the all-core session fell back
+        opened.append((engine, precision, threads))
+        cost = {"bfloat16": 0.001, "float32": 0.006}[asked] * (1 if engine == "openvino" else 2)
+        return SimpleNamespace(
+            engine=engine, precision=precision, provider="CPU", device="cpu", psnr_db=None, probe_ms=None,
+            run=lambda batch: time.sleep(cost) or batch,
+        )  # fmt: skip
+
+    monkeypatch.setattr(runtime, "_open_one", open_one)
+    config = RunnerConfig(engine="auto", precision="auto", intra_op_threads=1, all_cores_when_alone=True)
+    runner = open_runner(tiny_model, "a2b", config)
+    assert isinstance(runner, WidthAdaptiveRunner)
+    assert (runner.engine, runner.wide.precision, runner.narrow.precision) == ("openvino", "float32", "float32")
+    assert opened[-1] == ("openvino", "float32", 1)  # the narrow bf16 session, reopened
+    assert runner.probe_ms is not None and runner.narrow.probe_ms == runner.wide.probe_ms == runner.probe_ms
+    assert "openvino:bfloat16" in runner.probe_ms["1"]
 
 
 # --- configuration, the service and the command line -------------------------------------------------
@@ -402,7 +503,7 @@ async def test_the_service_reports_engine_precision_and_psnr(tiny_repo: Path, bf
 
 
 async def test_the_service_reports_what_engine_auto_measured(
-    tiny_repo: Path, ov_installed: Any, fresh_choices: Any
+    tiny_repo: Path, ov_installed: Any
 ) -> None:
     """Engine auto: each instance says both engines' probe times, and serves the faster one."""
     settings = Settings(models_dir=tiny_repo, engine="auto", intra_op_threads=1)
@@ -411,10 +512,10 @@ async def test_the_service_reports_what_engine_auto_measured(
         metrics = (await client.get("/metrics")).text
     for direction in model["directions"]:
         for inst in direction["instances"]:
-            probe_ms = inst["probe_ms"]
-            assert set(probe_ms) == {"openvino:float32", "onnxruntime:float32"}
-            assert all(ms > 0 for ms in probe_ms.values())
-            assert inst["engine"] == min(probe_ms, key=probe_ms.__getitem__).partition(":")[0]
+            (timed,) = inst["probe_ms"].values()  # one width: the threads are configured
+            assert set(timed) == {"openvino:float32", "onnxruntime:float32"}
+            assert all(ms > 0 for ms in timed.values())
+            assert inst["engine"] == min(timed, key=timed.__getitem__).partition(":")[0]
             labels = {"provider": inst["provider"], "engine": inst["engine"], "precision": "float32", "psnr_db": ""}
             assert sample(metrics, "dclgan_model_info", model="tiny", version="1", direction=direction["name"],
                           device="cpu", **labels) == 1  # fmt: skip
