@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
 # The service under a closed loop with each CPU engine and precision, one after the other, on one model
 # (issue 13): onnxruntime float32 (the baseline), OpenVINO float32, OpenVINO with DCLGAN_PRECISION=auto
-# (bfloat16 where the CPU has native bf16 kernels, else float32). Default thread policy; bench/serve_load.py
-# also times the raw engine against raw onnxruntime float32 in the same run.
+# (bfloat16 where the CPU has native bf16 kernels, else float32), and the default (engine auto, float32).
+# Default thread policy; bench/serve_load.py also times the raw engine against raw onnxruntime float32 in
+# the same run.
 #   bench/serve_engines.sh [DIRECTION] [SIZE]        # e.g. under bench/quiet.sh 420 runs/serve-engines.txt
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_WAIT_POLICY=PASSIVE
 direction=${1:-horse2zebra} size=${2:-256} port=${DCLGAN_BENCH_PORT:-8031}
 mkdir -p runs
-for cfg in onnxruntime:float32 openvino:float32 openvino:auto; do
+for cfg in onnxruntime:float32 openvino:float32 openvino:auto auto:float32; do
   echo "=== $cfg"
   export DCLGAN_ENGINE=${cfg%%:*} DCLGAN_PRECISION=${cfg##*:}
   DCLGAN_PORT=$port .venv/bin/python -m service > "runs/serve-${cfg/:/-}.log" 2>&1 &
