@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Seconds from starting the service to /readyz answering 200, for each DCLGAN_ENGINE in turn, ROUNDS times
-# in alternation, on the bundled models; and what each instance serves (engine, precision, and the probe
-# times where engine auto measured them). Start-up is where engine auto pays for its measurement (issue 13).
+# in alternation, on the bundled models; the process's peak and current RSS when ready; and what each instance
+# serves (engine, precision, and the probe times where engine auto measured them). Start-up is where engine
+# auto pays for its measurement (issue 13).
 #   bench/ready_time.sh [ROUNDS] [ENGINES]      # e.g. bench/ready_time.sh 3 "openvino auto"
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -22,7 +23,9 @@ for round in $(seq "$rounds"); do
     for _ in $(seq 1200); do curl -sf "http://127.0.0.1:$port/readyz" >/dev/null && break; sleep 0.05; done
     ready=$EPOCHREALTIME
     served=$(curl -sf "http://127.0.0.1:$port/models" | .venv/bin/python -c "$describe")
-    echo "round $round engine=$engine ready after $(.venv/bin/python -c "print(f'{$ready - $start:.2f}')") s; serves: $served"
+    memory=$(awk '/^VmHWM|^VmRSS/ {printf "%s %d MB ", $1, $2 / 1024}' "/proc/$pid/status")
+    echo "round $round engine=$engine ready after $(.venv/bin/python -c "print(f'{$ready - $start:.2f}')") s;" \
+      "$memory; serves: $served"
     kill $pid
     wait $pid || true
   done

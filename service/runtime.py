@@ -392,20 +392,13 @@ def open_runner(
     return WidthAdaptiveRunner(wide, narrow)
 
 
-@dataclass(frozen=True)
-class EngineChoice:
-    """What engine ``auto`` measured for one ONNX file: the ``engine:precision`` it serves, and the times."""
-
-    served: str
-    probe_ms: ProbeTimes
-
-
-# (model, version, file size, probe side, threads per session, precision and PSNR floor asked for) -> the
-# choice. Speed depends on the network, not on its weights, and the directions of one version are one
-# generator configuration exported twice (same graph, same file size): they, their instances and reloads of
-# the version share one measurement, which at the served side costs seconds.
-_CHOICES: dict[tuple[str, str, int, int, tuple[int, ...], str, float], EngineChoice] = {}
-_CHOICES_LOCK = threading.Lock()
+# (model, version, file size, probe side, threads per session, precision asked for) -> what was measured.
+# Speed depends on the network, not on its weights, and the directions of one version are one generator
+# configuration exported twice (same graph, same file size): they, their instances and reloads of the version
+# share one measurement, which at the served side costs seconds. Whether bf16 may serve depends on the weights,
+# so that is decided for each direction (:func:`_open_measured`).
+_TIMINGS: dict[tuple[str, str, int, int, tuple[int, ...], str], ProbeTimes] = {}
+_TIMINGS_LOCK = threading.Lock()
 
 
 def time_on_probe(
@@ -459,11 +452,12 @@ def _open_measured(
     A measurement, not an assumption: OpenVINO (in bf16 where ``auto`` precision chose it, and then in
     float32 too) and onnxruntime float32 are each opened at every width and timed on the probe image, and
     :func:`least_slowdown` picks; an engine that cannot open or run the model here (OpenVINO's kernels on
-    some CPUs) is left out, with a warning. Why: OpenVINO was the faster on every CPU measured
-    (docs/benchmarks.md), but not every CPU this may run on was measured (AVX2-only x86, ARM), its lead
-    over onnxruntime shrinks with fewer threads, and with its kernels capped below AVX2 it could not run
-    the generator at all. A named engine or precision (``bfloat16``: only OpenVINO computes it) is served
-    as it is.
+    some CPUs) is left out, with a warning. bf16 serves only where every session of this direction passes
+    its PSNR check; where one does not, the next pick serves. Why measure: OpenVINO was the faster on every
+    CPU measured (docs/benchmarks.md), but not every CPU this may run on was measured (AVX2-only x86, ARM),
+    its lead over onnxruntime shrinks with fewer threads, and with its kernels capped below AVX2 it could
+    not run the generator at all. A named engine or precision (``bfloat16``: only OpenVINO computes it) is
+    served as it is.
     """
     from service.openvino_runner import choose
 
@@ -474,68 +468,33 @@ def _open_measured(
     side = served_side(model.card.input)
     threads = tuple(w or default_threads() for w in widths)
     size = model.path(direction, "float32").stat().st_size
-    key = (model.name, model.version, size, side, threads, config.precision, config.psnr_floor_db)
-    runners: list[OnnxRunner | OpenVinoRunner] | None = None
-    with _CHOICES_LOCK:
-        choice = _CHOICES.get(key)
-        if choice is None:
+    key = (model.name, model.version, size, side, threads, config.precision)
+    opened: dict[str, list[OnnxRunner | OpenVinoRunner]] = {}
+    with _TIMINGS_LOCK:
+        probe_ms = _TIMINGS.get(key)
+        if probe_ms is None:
             measured = _measure(model, direction, config, widths, side)
             if measured is None:
                 return None, config
-            choice, runners = measured
-            _CHOICES[key] = choice
-    engine, _, precision = choice.served.partition(":")
-    resolved = replace(config, engine=engine, precision=precision)  # type: ignore[arg-type]
-    if runners is None:
-        runners = [_open_one(model, direction, resolved, w) for w in widths]
-    for runner in runners:
-        runner.probe_ms = {w: dict(ms) for w, ms in choice.probe_ms.items()}
-    return runners, resolved
-
-
-def _measure(
-    model: LoadedModel, direction: str, config: RunnerConfig, widths: Sequence[int | None], side: int
-) -> tuple[EngineChoice, list[OnnxRunner | OpenVinoRunner]] | None:
-    """Open every candidate at every width, time them on the probe image; the choice and its runners.
-
-    A candidate that fails to open or to run the probe is left out, with one warning. If none is left, or
-    the timing itself fails, None: the caller opens the model as before, and a model that cannot run at its
-    own size on any engine fails at warm-up as it always did (a measurement must not change how it fails).
-    """
-    from service.openvino_runner import choose, probe_input
-
-    probe = probe_input(side)
-    tried = [replace(config, engine="openvino")]
-    if choose("openvino", config.precision, config.device)[1] == "bfloat16":
-        tried.append(replace(config, engine="openvino", precision="float32"))
-    tried.append(replace(config, engine="onnxruntime", precision="float32"))
-    opened: dict[str, list[OnnxRunner | OpenVinoRunner]] = {}
-    failures: dict[str, str] = {}
-    for candidate in tried:
-        try:
-            runners = [_open_one(model, direction, candidate, w) for w in widths]
-            for runner in runners:
-                runner.run(probe)  # it runs here, and the run that sets it up is not timed
-        except Exception as e:  # OpenVINO's kernels may not run this model on this CPU (docs/benchmarks.md)
-            failures[":".join(choose(candidate.engine, candidate.precision, candidate.device))] = _last_line(e)
-            continue
-        opened.setdefault(f"{candidate.engine}:{runners[0].precision}", runners)  # bf16 may have fallen back
-    try:
-        probe_ms = {
-            str(w or default_threads()): time_on_probe({name: r[i] for name, r in opened.items()}, probe, warm_up=False)
-            for i, w in enumerate(widths)
-        }
-    except Exception as e:
-        failures["timing"] = _last_line(e)
-        opened = {}
-    served = least_slowdown(probe_ms) if opened else None
-    for name, reason in failures.items():
-        logger.warning("%s %s: engine auto: %s failed on the probe image (%s): %s serves", model.name, direction,
-                       name, reason, served or "what was asked for, unmeasured")  # fmt: skip
-    if served is None:
-        return None
+            probe_ms, opened = measured
+            _TIMINGS[key] = probe_ms
+    candidates = {w: dict(ms) for w, ms in probe_ms.items()}
+    while next(iter(candidates.values())):
+        served = least_slowdown(candidates)
+        engine, _, precision = served.partition(":")
+        resolved = replace(config, engine=engine, precision=precision)  # type: ignore[arg-type]
+        runners = opened.get(served) or [_open_one(model, direction, resolved, w) for w in widths]
+        if precision != "bfloat16" or all(_bf16_passed(r, config) for r in runners):
+            break
+        worst = min(r.psnr_db or 0.0 for r in runners)
+        logger.info("%s %s: engine auto: bfloat16 at %.1f dB PSNR on the probe image, below the %.1f dB floor: "
+                    "not served", model.name, direction, worst, config.psnr_floor_db)  # fmt: skip
+        for times in candidates.values():
+            del times[served]
+    else:
+        return None, config  # only bf16 could run, and its PSNR is too low: opened as asked, it falls back
     logger.info(
-        "%s %s: engine auto chose %s on the probe image (%s)",
+        "%s %s: engine auto serves %s, measured on the probe image (%s)",
         model.name,
         direction,
         served,
@@ -544,7 +503,60 @@ def _measure(
             for w, times in probe_ms.items()
         ),
     )
-    return EngineChoice(served, probe_ms), opened[served]
+    for runner in runners:
+        runner.probe_ms = {w: dict(ms) for w, ms in probe_ms.items()}
+    return runners, resolved
+
+
+def _bf16_passed(runner: OnnxRunner | OpenVinoRunner, config: RunnerConfig) -> bool:
+    """The runner computes in bf16 at or above ``config``'s PSNR floor (the measurement opens bf16 with no
+    floor, so that what it times is bf16; a session opened with the floor has fallen back when below it)."""
+    return runner.precision == "bfloat16" and runner.psnr_db is not None and runner.psnr_db >= config.psnr_floor_db
+
+
+def _measure(
+    model: LoadedModel, direction: str, config: RunnerConfig, widths: Sequence[int | None], side: int
+) -> tuple[ProbeTimes, dict[str, list[OnnxRunner | OpenVinoRunner]]] | None:
+    """Open every candidate at every width, time them on the probe image; the times and the runners.
+
+    A candidate that fails to open or to run the probe is left out, with one warning. If none is left, or
+    the timing itself fails, None: the caller opens the model as before, and a model that cannot run at its
+    own size on any engine fails at warm-up as it always did (a measurement must not change how it fails).
+    """
+    from service.openvino_runner import choose, probe_input
+
+    probe = probe_input(side)
+    # No PSNR floor here: what is timed as bf16 must be bf16 (the floor is applied per direction after).
+    tried = [replace(config, engine="openvino", psnr_floor_db=0.0)]
+    if choose("openvino", config.precision, config.device)[1] == "bfloat16":
+        tried.append(replace(config, engine="openvino", precision="float32"))
+    tried.append(replace(config, engine="onnxruntime", precision="float32"))
+    opened: dict[str, list[OnnxRunner | OpenVinoRunner]] = {}
+    failures: dict[str, str] = {}
+    for candidate in tried:
+        name = ":".join(choose(candidate.engine, candidate.precision, candidate.device))
+        try:
+            runners = [_open_one(model, direction, candidate, w) for w in widths]
+            for runner in runners:
+                runner.run(probe)  # it runs here, and the run that sets it up is not timed
+        except Exception as e:  # OpenVINO's kernels may not run this model on this CPU (docs/benchmarks.md)
+            failures[name] = _last_line(e)
+            continue
+        opened[name] = runners
+    probe_ms: ProbeTimes = {}
+    if opened:
+        try:
+            probe_ms = {
+                str(w or default_threads()): time_on_probe({n: r[i] for n, r in opened.items()}, probe, warm_up=False)
+                for i, w in enumerate(widths)
+            }
+        except Exception as e:
+            failures["timing"] = _last_line(e)
+    outcome = "left out" if probe_ms else "serving what was asked, unmeasured"
+    for name, reason in failures.items():
+        logger.warning("%s %s: engine auto: %s failed on the probe image (%s): %s", model.name, direction, name,
+                       reason, outcome)  # fmt: skip
+    return (probe_ms, opened) if probe_ms else None
 
 
 def _last_line(error: Exception) -> str:

@@ -98,12 +98,12 @@ def tiny_model_copy(tiny_repo: Path, tmp_path: Path) -> Path:
 
 
 @pytest.fixture(autouse=True)
-def fresh_engine_choices(monkeypatch: pytest.MonkeyPatch) -> dict[Any, Any]:
-    """Engine auto's measurements are kept per process (``service.runtime._CHOICES``): each test starts
+def fresh_engine_timings(monkeypatch: pytest.MonkeyPatch) -> dict[Any, Any]:
+    """Engine auto's measurements are kept per process (``service.runtime._TIMINGS``): each test starts
     with none, so that what one test measured never decides another's engine."""
-    choices: dict[Any, Any] = {}
-    monkeypatch.setattr(runtime, "_CHOICES", choices)
-    return choices
+    timings: dict[Any, Any] = {}
+    monkeypatch.setattr(runtime, "_TIMINGS", timings)
+    return timings
 
 
 @pytest.fixture(autouse=True)

@@ -312,7 +312,7 @@ def _slow_down(monkeypatch: pytest.MonkeyPatch, runner_class: type, seconds: flo
 
 @pytest.mark.parametrize("slow", ["openvino", "onnxruntime"])
 def test_auto_serves_the_engine_that_was_faster_on_the_probe(
-    tiny_model: LoadedModel, ov_installed: Any, fresh_engine_choices: Any, monkeypatch: pytest.MonkeyPatch, slow: str
+    tiny_model: LoadedModel, ov_installed: Any, fresh_engine_timings: Any, monkeypatch: pytest.MonkeyPatch, slow: str
 ) -> None:
     """Whichever engine is slower on this CPU is not served, in either session of a width-adaptive pair; it
     was timed at both widths, and once per file: a second instance reuses the measurement."""
@@ -337,7 +337,7 @@ def test_auto_serves_the_engine_that_was_faster_on_the_probe(
         assert probe_ms is not None and set(probe_ms) == {"1", "2"}  # the shared-out width and all the cores
         for ms in probe_ms.values():
             assert ms[f"{slow}:float32"] > ms[f"{fast}:float32"] + 20
-    assert first.probe_ms == second.probe_ms and len(fresh_engine_choices) == 1
+    assert first.probe_ms == second.probe_ms and len(fresh_engine_timings) == 1
     assert timings == ["timed", "timed"]  # one per width, for the first instance only
 
 
@@ -368,7 +368,7 @@ def test_auto_serves_the_engine_that_runs_where_the_other_fails(
     assert list(runner.probe_ms["1"]) == [f"{survivor}:float32"]
     (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     reason = "[CPU] MVN node bad combination"
-    assert f"{broken}:float32 failed on the probe image ({reason}): {survivor}:float32 serves" in warning
+    assert f"{broken}:float32 failed on the probe image ({reason}): left out" in warning
 
 
 def test_a_failed_timing_serves_what_was_asked_unmeasured(
@@ -381,11 +381,13 @@ def test_a_failed_timing_serves_what_was_asked_unmeasured(
     with caplog.at_level(logging.WARNING, logger="service.runtime"):
         runner = open_runner(tiny_model, "a2b", RunnerConfig(engine="auto", intra_op_threads=1))
     assert (runner.engine, runner.probe_ms) == ("openvino", None)  # as auto chose before it measured
-    assert "timing failed on the probe image (the machine ran out of memory): what was asked for" in caplog.text
+    assert "timing failed on the probe image (the machine ran out of memory): serving what was asked, unmeasured" in (
+        caplog.text
+    )
 
 
 def test_a_named_engine_or_bfloat16_is_not_measured(
-    tiny_model: LoadedModel, ov_installed: Any, fresh_engine_choices: Any
+    tiny_model: LoadedModel, ov_installed: Any, fresh_engine_timings: Any
 ) -> None:
     for engine in ("openvino", "onnxruntime"):
         runner = open_runner(tiny_model, "a2b", RunnerConfig(engine=engine, intra_op_threads=1))  # type: ignore[arg-type]
@@ -393,15 +395,15 @@ def test_a_named_engine_or_bfloat16_is_not_measured(
     if native_bf16():
         runner = open_runner(tiny_model, "a2b", RunnerConfig(engine="auto", precision="bfloat16", intra_op_threads=1))
         assert (runner.engine, runner.probe_ms) == ("openvino", None)
-    assert fresh_engine_choices == {}
+    assert fresh_engine_timings == {}
 
 
 def test_the_choice_is_measured_once_per_file_and_setting(
-    tiny_model: LoadedModel, ov_installed: Any, fresh_engine_choices: Any
+    tiny_model: LoadedModel, ov_installed: Any, fresh_engine_timings: Any
 ) -> None:
-    """Whatever changes what is measured is in the cache key: the network (model, version and file size),
-    the thread counts, the precision and the PSNR floor asked for. The other direction of the same version
-    is the same network: it shares the measurement."""
+    """Whatever changes what is timed is in the cache key: the network (model, version and file size), the
+    thread counts and the precision asked for. The other direction of the same version is the same network:
+    it shares the measurement. The PSNR floor is not timing: it is applied to each direction after."""
     base = RunnerConfig(engine="auto", intra_op_threads=1)
     settings = [
         ("a2b", base),
@@ -414,12 +416,12 @@ def test_the_choice_is_measured_once_per_file_and_setting(
     sizes = []
     for direction, config in settings:
         open_runner(tiny_model, direction, config)
-        sizes.append(len(fresh_engine_choices))
-    assert sizes == [1, 1, 1, 2, 3, 4]
+        sizes.append(len(fresh_engine_timings))
+    assert sizes == [1, 1, 1, 2, 3, 3]
 
 
 def test_auto_precision_also_times_openvino_float32(
-    tiny_model: LoadedModel, bf16_cpu: Any, fresh_engine_choices: Any
+    tiny_model: LoadedModel, bf16_cpu: Any, fresh_engine_timings: Any
 ) -> None:
     """bf16 does not pay for every model and size (docs/benchmarks.md: a narrow model at 128 px), so with
     precision auto OpenVINO float32 is a candidate too."""
@@ -430,33 +432,86 @@ def test_auto_precision_also_times_openvino_float32(
     assert f"{runner.engine}:{runner.precision}" == min(timed, key=timed.__getitem__)
 
 
-def test_a_pair_reopened_in_float32_keeps_what_chose_its_engine(
-    tiny_model: LoadedModel, machine: Any, fresh_engine_choices: Any, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """bf16 passes its PSNR check at one width and not the other: the pair is reopened in float32, and
-    /models still shows the measurement that chose OpenVINO."""
-    machine(installed=True, bf16=True)
-    monkeypatch.setattr(runtime, "default_threads", lambda: 2)
-    opened: list[tuple[str, str, int | None]] = []
+class _FakeEngines:
+    """``_open_one`` for fakes: each ``engine:precision`` has a cost per run (ms), and bf16 a PSNR per direction
+    and width; a session opened with a floor its bf16 does not reach falls back to float32, as OpenVINO's does."""
 
-    def open_one(model: Any, direction: str, config: RunnerConfig, threads: int | None) -> Any:
-        engine, asked = choose(config.engine, config.precision, config.device)
-        precision = "float32" if asked == "bfloat16" and threads == 2 else asked  # the all-core session fell back
-        opened.append((engine, precision, threads))
-        cost = {"bfloat16": 0.001, "float32": 0.006}[asked] * (1 if engine == "openvino" else 2)
+    def __init__(self, cost_ms: dict[str, float], psnr_db: dict[tuple[str, int], float]) -> None:
+        self.cost_ms, self.psnr_db = cost_ms, psnr_db
+        self.opened: list[tuple[str, str, str, int | None]] = []
+
+    def __call__(self, model: Any, direction: str, config: RunnerConfig, threads: int | None) -> Any:
+        engine, precision = choose(config.engine, config.precision, config.device)
+        psnr = self.psnr_db[(direction, threads or 1)] if precision == "bfloat16" else None
+        if psnr is not None and psnr < config.psnr_floor_db:
+            precision = "float32"
+        self.opened.append((direction, engine, precision, threads))
+        cost = self.cost_ms[f"{engine}:{precision}"] / 1000
         return SimpleNamespace(
-            engine=engine, precision=precision, provider="CPU", device="cpu", psnr_db=None, probe_ms=None,
+            engine=engine, precision=precision, provider="CPU", device="cpu", psnr_db=psnr, probe_ms=None,
             run=lambda batch: time.sleep(cost) or batch,
         )  # fmt: skip
 
-    monkeypatch.setattr(runtime, "_open_one", open_one)
+
+@pytest.fixture
+def fake_engines(machine: Any, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """A bf16 CPU with OpenVINO, 2 cores, and the engines of :class:`_FakeEngines`."""
+    machine(installed=True, bf16=True)
+    monkeypatch.setattr(runtime, "default_threads", lambda: 2)
+
+    def install(cost_ms: dict[str, float], psnr_db: dict[tuple[str, int], float]) -> _FakeEngines:
+        fakes = _FakeEngines(cost_ms, psnr_db)
+        monkeypatch.setattr(runtime, "_open_one", fakes)
+        return fakes
+
+    return install
+
+
+COSTS = {"openvino:bfloat16": 2.0, "onnxruntime:float32": 6.0, "openvino:float32": 12.0}  # ORT beats OV f32
+
+
+@pytest.mark.parametrize("order", [("a2b", "b2a"), ("b2a", "a2b")])
+def test_bf16_is_decided_for_each_direction_and_the_next_pick_is_measured(
+    tiny_model: LoadedModel, fake_engines: Any, order: tuple[str, str]
+) -> None:
+    """One measurement per network, but bf16's PSNR is a property of each direction's weights: b2a's is too
+    low, so b2a serves the next fastest measured (onnxruntime, not OpenVINO float32), whichever direction
+    opens first; a2b keeps bf16."""
+    fake_engines(COSTS, {("a2b", 1): 60.0, ("b2a", 1): 30.0})
+    config = RunnerConfig(engine="auto", precision="auto", intra_op_threads=1)
+    served = {d: open_runner(tiny_model, d, config) for d in order}
+    assert (served["a2b"].engine, served["a2b"].precision) == ("openvino", "bfloat16")
+    assert (served["b2a"].engine, served["b2a"].precision) == ("onnxruntime", "float32")
+    assert served["a2b"].probe_ms == served["b2a"].probe_ms  # one measurement
+    assert set(served["a2b"].probe_ms["1"]) == set(COSTS)
+
+
+def test_bf16_refused_at_one_width_serves_the_next_pick_at_both(tiny_model: LoadedModel, fake_engines: Any) -> None:
+    """bf16 passes its PSNR check in the shared-out session and not in the all-core one: the pair does not
+    serve bf16, and what it serves instead was measured (onnxruntime, faster here than OpenVINO float32)."""
+    fakes = fake_engines(COSTS, {("a2b", 1): 60.0, ("a2b", 2): 30.0})
     config = RunnerConfig(engine="auto", precision="auto", intra_op_threads=1, all_cores_when_alone=True)
     runner = open_runner(tiny_model, "a2b", config)
     assert isinstance(runner, WidthAdaptiveRunner)
-    assert (runner.engine, runner.wide.precision, runner.narrow.precision) == ("openvino", "float32", "float32")
-    assert opened[-1] == ("openvino", "float32", 1)  # the narrow bf16 session, reopened
-    assert runner.probe_ms is not None and runner.narrow.probe_ms == runner.wide.probe_ms == runner.probe_ms
-    assert "openvino:bfloat16" in runner.probe_ms["1"]
+    assert [(r.engine, r.precision) for r in (runner.narrow, runner.wide)] == [("onnxruntime", "float32")] * 2
+    assert runner.probe_ms is not None and set(runner.probe_ms) == {"1", "2"}
+    assert ("a2b", "openvino", "bfloat16", 2) in fakes.opened  # measured as bf16: no floor while timing
+
+
+def test_only_bf16_running_and_refused_is_opened_as_asked(
+    tiny_model: LoadedModel, fake_engines: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fakes = fake_engines(COSTS, {("a2b", 1): 30.0})
+    original = fakes.__call__
+
+    def only_bf16(model: Any, direction: str, config: RunnerConfig, threads: int | None) -> Any:
+        if choose(config.engine, config.precision, config.device) != ("openvino", "bfloat16"):
+            raise RuntimeError("no kernel")
+        return original(model, direction, config, threads)
+
+    monkeypatch.setattr(runtime, "_open_one", only_bf16)
+    runner = open_runner(tiny_model, "a2b", RunnerConfig(engine="auto", precision="auto", intra_op_threads=1))
+    assert (runner.engine, runner.precision, runner.probe_ms) == ("openvino", "float32", None)
 
 
 # --- configuration, the service and the command line -------------------------------------------------
