@@ -369,17 +369,13 @@ def open_runner(
     if config.all_cores_when_alone and (config.intra_op_threads or cores) < cores:
         widths.append(cores)
     measured, config = _open_measured(model, direction, config, widths)
-    if measured is not None:
-        narrow, wide = measured[0], measured[-1]
-        if len(measured) == 1:
-            return narrow
-    else:
-        narrow = _open_one(model, direction, config, config.intra_op_threads)
-        on_cpu = narrow.provider in (CPU, "CPU")  # onnxruntime's and OpenVINO's names (a GPU fallback included)
-        if len(widths) == 1 or not on_cpu:
-            return narrow
-        wide = _open_one(model, direction, config, cores)
-    probe_ms = narrow.probe_ms
+    if measured is not None:  # one engine and precision at every width (bf16 only where each passed)
+        return measured[0] if len(measured) == 1 else WidthAdaptiveRunner(measured[1], measured[0])
+    narrow = _open_one(model, direction, config, config.intra_op_threads)
+    on_cpu = narrow.provider in (CPU, "CPU")  # onnxruntime's and OpenVINO's names (a GPU fallback included)
+    if len(widths) == 1 or not on_cpu:
+        return narrow
+    wide = _open_one(model, direction, config, cores)
     if wide.precision != narrow.precision:
         # A reduced precision passed its PSNR check in one session and fell back in the other: both run
         # float32, so that what /models and the metrics report is what every run computes.
@@ -388,7 +384,6 @@ def open_runner(
             wide = _open_one(model, direction, exact, cores)
         if narrow.precision != "float32":
             narrow = _open_one(model, direction, exact, config.intra_op_threads)
-        narrow.probe_ms = wide.probe_ms = probe_ms  # what chose the engine
     return WidthAdaptiveRunner(wide, narrow)
 
 
@@ -408,18 +403,14 @@ def time_on_probe(
     min_rounds: int = 2,
     max_rounds: int = 15,
     min_total_ms: float = 200.0,
-    warm_up: bool = True,
     clock: Callable[[], float] = time.perf_counter,
 ) -> dict[str, float]:
-    """Each runner's median time (ms) on ``probe``, over runs taken in turn after one untimed run each (a
-    first run pays for lazy set-up; ``warm_up=False`` where the caller has made it). Taking turns makes a
-    noisy machine slow each runner alike.
+    """Each runner's median time (ms) on ``probe``, over runs taken in turn. The runners must have run once
+    already (a first run pays for lazy set-up). Taking turns makes a noisy machine slow each runner alike.
 
     Rounds go on until every runner has run ``min_rounds`` times and for ``min_total_ms`` in all, or
     ``max_rounds``: short runs are the noisier, so they get more of them.
     """
-    for runner in runners.values() if warm_up else ():
-        runner.run(probe)
     times: dict[str, list[float]] = {name: [] for name in runners}
     for done in range(1, max_rounds + 1):
         for name, runner in runners.items():
@@ -504,7 +495,7 @@ def _open_measured(
         ),
     )
     for runner in runners:
-        runner.probe_ms = {w: dict(ms) for w, ms in probe_ms.items()}
+        runner.probe_ms = probe_ms
     return runners, resolved
 
 
@@ -547,7 +538,7 @@ def _measure(
     if opened:
         try:
             probe_ms = {
-                str(w or default_threads()): time_on_probe({n: r[i] for n, r in opened.items()}, probe, warm_up=False)
+                str(w or default_threads()): time_on_probe({n: r[i] for n, r in opened.items()}, probe)
                 for i, w in enumerate(widths)
             }
         except Exception as e:

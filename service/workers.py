@@ -45,8 +45,8 @@ logger = logging.getLogger(__name__)
 class DeviceRunner(Runner, Protocol):
     """A runner that says where and how it runs: ``provider`` is what the engine really gave it, ``precision``
     what it computes in, ``psnr_db`` that precision's PSNR against float32 measured at start (None: not
-    reduced, nothing to measure), ``probe_ms`` each engine's time on the probe image where engine ``auto``
-    measured them to choose (None: the engine was named, or there was nothing to choose from)."""
+    reduced, nothing to measure), ``probe_ms`` what engine ``auto`` measured to choose it (see
+    :data:`service.runtime.ProbeTimes`; None where nothing was measured)."""
 
     provider: str
     device: str

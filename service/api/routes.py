@@ -346,7 +346,7 @@ async def list_models(state: State) -> ModelsResponse:
                         engine=inst.runner.engine,
                         precision=inst.runner.precision,
                         psnr_db=inst.runner.psnr_db,
-                        probe_ms=getattr(inst.runner, "probe_ms", None),  # runner factories may predate it
+                        probe_ms=inst.runner.probe_ms,
                         warm=inst.warm.is_set(),
                     )
                     for inst in served.pool.instances
